@@ -1,0 +1,3 @@
+"""Losses of the re-implemented methods."""
+
+from .structure import StructureLoss, boundary_weights

@@ -1,0 +1,3 @@
+"""Small utilities: all-or-nothing output folders and figures."""
+
+from . import config, figures, files

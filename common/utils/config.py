@@ -1,0 +1,70 @@
+"""Guard against command-line overrides that name no id of the bundle.
+
+``python -m monai.bundle run --config_file ... --epoch 3`` silently *adds* a top-level id ``epoch`` next to the
+real ``epochs`` and trains for the default number of epochs (MONAI's ``ConfigParser.update`` creates missing
+keys). The bundles call :func:`check_cli_overrides` in ``initialize`` to turn such typos into an error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["check_cli_overrides", "cli_overrides"]
+
+# keyword arguments of monai.bundle.scripts.run itself: not config ids
+RUN_ARGUMENTS = {"config_file", "meta_file", "logging_file", "run_id", "init_id", "final_id", "tracking",
+                 "args_file", "workflow_type", "workflow_name"}
+
+
+def cli_overrides(argv: Sequence[str]) -> dict[str, str]:
+    """``--key value`` and ``--key=value`` pairs of a ``monai.bundle`` command line (flags without value map to "")."""
+    pairs: dict[str, str] = {}
+    args = list(argv)
+    for i, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        key, sep, value = arg[2:].partition("=")
+        if not sep and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value = args[i + 1]
+        pairs[key] = value
+    return pairs
+
+
+def _config_files(value: str) -> list[Path]:
+    text = value.strip()
+    if text.startswith("["):
+        names = json.loads(text.replace("'", '"'))
+    else:
+        names = [name for name in text.split(",") if name]
+    return [Path(name) for name in names]
+
+
+def check_cli_overrides(argv: Sequence[str] | None = None) -> None:
+    """Raise ``KeyError`` when a ``monai.bundle run`` override names a top-level id that no config file defines.
+
+    Only the top-level part of an id is checked (``network_def#dropout`` may add a constructor argument; MONAI
+    itself refuses ``a#b`` when ``a`` is missing). Does nothing unless the process is the ``monai.bundle``
+    command line (``argv`` defaults to ``sys.argv``), so in-process workflows (tests, MONAI Label) are not affected.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    if not argv or not argv[0].replace("\\", "/").endswith("monai/bundle/__main__.py"):
+        return
+    overrides = cli_overrides(argv[1:])
+    if "config_file" not in overrides:
+        return
+    known: set[str] = set()
+    files = _config_files(overrides["config_file"])
+    for path in files:
+        if path.suffix == ".json" and path.is_file():
+            known.update(json.loads(path.read_text()))
+    for key in overrides:
+        top = key.replace("::", "#").split("#")[0].lstrip("+")
+        if key in RUN_ARGUMENTS or top == "_meta_" or top in known:
+            continue
+        close = difflib.get_close_matches(top, sorted(known), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise KeyError(f"override --{key} names no id of {', '.join(map(str, files))}{hint}")

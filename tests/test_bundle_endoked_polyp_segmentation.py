@@ -1,0 +1,255 @@
+"""The endoked_polyp_segmentation bundle run as users run it: train, evaluate, infer, resume, baselines, bad input.
+
+Workflows run in-process through ``ConfigWorkflow`` (as the model zoo's CI does), shrunk through top-level ids
+only; ``bundle_root`` points at a temporary folder so that nothing is written into the repository.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+from PIL import Image
+
+from common.data.demo_polyps import make_demo_polyp_dataset
+from common.handlers.training_state import latest_training_state
+from common.utils.config import check_cli_overrides
+
+from conftest import REPO_ROOT
+
+BUNDLE = REPO_ROOT / "bundles" / "endoked_polyp_segmentation"
+CONFIGS = BUNDLE / "configs"
+# every size a test shrinks is a top-level id (DESIGN.md): a PVTv2-b0 Polyp-PVT at 64 px trains in seconds
+TINY = {"backbone": "pvt_v2_b0", "image_size": 64, "batch_size": 4, "num_workers": 0, "progress_bar": False}
+
+pytestmark = pytest.mark.slow
+
+
+def workflow(bundle_root: Path, kind: str, configs: list[str], **override) -> ConfigWorkflow:
+    wf = ConfigWorkflow(
+        config_file=[str(CONFIGS / c) for c in configs], meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=False, workflow_type=kind, bundle_root=str(bundle_root), **override,
+    )
+    wf.initialize()
+    assert wf.check_properties() == []
+    return wf
+
+
+def run(wf: ConfigWorkflow):
+    result = wf.run()
+    wf.finalize()
+    return result
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A bundle root holding a model trained for 2 epochs on the embedded demo data (no dataset argument)."""
+    root = tmp_path_factory.mktemp("polyp_bundle")
+    wf = workflow(root, "train", ["train.json"], epochs=2, **TINY)
+    assert wf.parser.get_parsed_content("on_demo") is True
+    run(wf)
+    assert wf.parser.get_parsed_content("train#trainer").state.epoch == 2
+    return root
+
+
+def test_train_writes_model_and_training_state(trained):
+    weights = torch.load(trained / "models" / "model.pt", weights_only=True)
+    assert "backbone.patch_embed1.proj.weight" in weights  # a plain state dict, as MONAI Label loads it
+    assert latest_training_state(trained / "models").name == "training_state_epoch=2.pt"
+    assert (trained / "data" / "demo" / "TrainDataset" / "images").is_dir()
+    assert list((trained / "eval" / "runs").glob("events.out.tfevents.*")), "TensorBoard events expected"
+
+
+def test_evaluate_reports_every_test_set(trained):
+    wf = workflow(trained, "train", ["train.json", "evaluate.json"], **TINY)
+    run(wf)
+    rows = {r["set"]: r for r in read_csv(trained / "eval" / "metrics_per_set.csv")}
+    assert set(rows) == {"SynthA", "SynthB", "all images"}
+    assert int(rows["SynthA"]["images"]) == 8 and int(rows["all images"]["images"]) == 16
+    for row in rows.values():
+        for column in ("dice", "iou", "precision", "recall", "s_measure", "weighted_f", "mean_e", "mae"):
+            assert 0.0 <= float(row[column]) <= 1.0, (column, row[column])
+    per_image = read_csv(trained / "eval" / "metrics_per_image.csv")
+    assert len(per_image) == 16
+    # the set row is the mean of its images (protocol (b): mean of per-image Dice)
+    dice_a = [float(r["dice"]) for r in per_image if r["set"] == "SynthA"]
+    assert float(rows["SynthA"]["dice"]) == pytest.approx(sum(dice_a) / 8)
+    assert len(list((trained / "eval" / "overlays").glob("*.png"))) == 8  # 4 per set
+
+
+def test_inference_writes_masks_at_native_size(trained):
+    run(workflow(trained, "inference", ["inference.json"], image_size=64, backbone="pvt_v2_b0", num_workers=0))
+    images = sorted((trained / "data" / "demo" / "TestDataset").glob("*/images/*.jpg"))
+    assert len(images) == 16
+    for image in images:
+        mask = trained / "eval" / "predictions" / image.parent.parent.name / "images" / f"{image.stem}.png"
+        with Image.open(image) as src, Image.open(mask) as out:
+            assert out.size == src.size and out.mode == "L"
+            assert set(np.unique(np.asarray(out))) <= {0, 255}
+    assert not (trained / "eval" / "predictions.partial").exists()
+
+
+def test_inference_without_weights_builds(tmp_path):
+    """What verify/lint builds: load_pretrain=False needs no models/model.pt."""
+    wf = workflow(tmp_path, "inference", ["inference.json"], load_pretrain=False, image_size=64,
+                  backbone="pvt_v2_b0", num_workers=0)
+    assert wf.parser.get_parsed_content("network_def").__class__.__name__ == "PolypPVT"
+
+
+def test_resume_continues_from_the_last_epoch(trained, tmp_path):
+    root = tmp_path / "resumed"
+    shutil.copytree(trained, root)
+    wf = workflow(root, "train", ["train.json"], epochs=3, resume=True, **TINY)
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    started = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: started.append(engine.state.epoch))
+    run(wf)
+    assert started == [3]  # epochs 1-2 were restored, only epoch 3 ran
+    assert latest_training_state(root / "models").name == "training_state_epoch=3.pt"
+    assert not (root / "models" / "training_state_epoch=2.pt").exists()  # n_saved=1 also prunes after resuming
+
+
+@pytest.mark.parametrize("network", ["unet", "unetpp"])
+def test_baselines_train_as_overrides(tmp_path, network):
+    wf = workflow(tmp_path, "train", ["train.json", f"networks/{network}.json"], epochs=1,
+                  unet_features=[4, 4, 8, 8, 16, 4], **TINY)
+    assert wf.parser.get_parsed_content("normalize_imagenet") is True  # the baselines use ImageNet statistics
+    run(wf)
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_training_is_deterministic(tmp_path):
+    """Two runs with the same seed give the same weights (CPU, set_determinism in initialize)."""
+    states = []
+    for name in ("a", "b"):
+        run(workflow(tmp_path / name, "train", ["train.json"], epochs=1, **TINY))
+        states.append(torch.load(tmp_path / name / "models" / "model.pt", weights_only=True))
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def _error_text(err: BaseException) -> str:
+    """The message of an error and of everything it was raised from (MONAI wraps config errors)."""
+    parts = []
+    while err is not None:
+        parts.append(str(err))
+        err = err.__cause__ or err.__context__
+    return " | ".join(parts)
+
+
+def _train_should_fail(root: Path, dataset: Path) -> str:
+    with pytest.raises(Exception) as info:
+        wf = workflow(root, "train", ["train.json"], dataset_dir=str(dataset), epochs=1, **TINY)
+        run(wf)
+    assert not (root / "models" / "model.pt").exists(), "a failed run must not leave a model.pt"
+    return _error_text(info.value)
+
+
+@pytest.fixture
+def small_dataset(tmp_path) -> Path:
+    return make_demo_polyp_dataset(tmp_path / "data", n_train=6, n_test=(2, 2), size=(64, 96))
+
+
+def test_dataset_without_images(tmp_path):
+    (tmp_path / "empty" / "TrainDataset" / "images").mkdir(parents=True)
+    (tmp_path / "empty" / "TrainDataset" / "masks").mkdir(parents=True)
+    assert "images" in _train_should_fail(tmp_path / "run", tmp_path / "empty")
+
+
+def test_image_without_mask(tmp_path, small_dataset):
+    mask = small_dataset / "TrainDataset" / "masks" / "0003.png"
+    mask.unlink()
+    assert "0003" in _train_should_fail(tmp_path / "run", small_dataset)
+
+
+def test_mask_size_differs_from_image(tmp_path, small_dataset):
+    mask = small_dataset / "TrainDataset" / "masks" / "0002.png"
+    Image.new("L", (10, 10)).save(mask)
+    assert str(mask) in _train_should_fail(tmp_path / "run", small_dataset)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA"])
+def test_grey_or_four_channel_image(tmp_path, small_dataset, mode):
+    image = small_dataset / "TrainDataset" / "images" / "0001.jpg"
+    converted = image.with_suffix(".png")
+    Image.open(image).convert(mode).save(converted)
+    image.unlink()
+    text = _train_should_fail(tmp_path / "run", small_dataset)
+    assert str(converted) in text and "RGB" in text
+
+
+def test_corrupt_image(tmp_path, small_dataset):
+    image = small_dataset / "TrainDataset" / "images" / "0004.jpg"
+    image.write_bytes(image.read_bytes()[: len(image.read_bytes()) // 2])  # truncated JPEG: header still valid
+    assert str(image) in _train_should_fail(tmp_path / "run", small_dataset)
+
+
+def test_override_of_a_missing_id(tmp_path):
+    argv = ["/x/monai/bundle/__main__.py", "run", "--config_file", str(CONFIGS / "train.json"), "--epoch", "3"]
+    with pytest.raises(KeyError, match="--epoch names no id.*did you mean epochs"):
+        check_cli_overrides(argv)
+    check_cli_overrides([*argv[:-2], "--epochs", "3", "--network_def#dropout", "0.1"])  # real ids pass
+    with pytest.raises(KeyError):  # a nested id under a missing parent: MONAI's own error
+        ConfigWorkflow(config_file=str(CONFIGS / "train.json"), meta_file=str(CONFIGS / "metadata.json"),
+                       logging_file=False, workflow_type="train", **{"train#trainerr#max_epochs": 1})
+
+
+# ----------------------------------------------------------------------------------------------- real data
+@pytest.mark.realdata
+def test_real_polyps_loss_falls_and_every_test_set_scores(polyp_data, tmp_path):
+    """Train a few iterations on Kvasir + CVC-ClinicDB; evaluate on EndoScene and Kvasir-Sessile."""
+    sets = {"dataset_dir": str(polyp_data), "train_sets": ["Kvasir", "CVC-ClinicDB"], "val_fraction": 0.1}
+    wf = workflow(tmp_path, "train", ["train.json"], epochs=3, epoch_length=4, scales=[1.0],
+                  **{**TINY, "image_size": 96}, **sets)
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    losses: list[float] = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: losses.append(engine.state.output["loss"].item()))
+    run(wf)
+    assert len(losses) == 12 and all(map(math.isfinite, losses))
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses  # the loss falls over 12 steps
+
+    run(workflow(tmp_path, "train", ["train.json", "evaluate.json"], **{**TINY, "image_size": 96}, **sets))
+    rows = {r["set"]: r for r in read_csv(tmp_path / "eval" / "metrics_per_set.csv")}
+    assert {"EndoScene", "Kvasir-Sessile"} <= set(rows)
+    assert int(rows["EndoScene"]["images"]) == 24 and int(rows["Kvasir-Sessile"]["images"]) == 6
+    for name in ("EndoScene", "Kvasir-Sessile"):
+        assert all(math.isfinite(float(rows[name][c])) for c in ("dice", "iou", "precision", "recall", "mae"))
+
+    out = tmp_path / "pred"
+    run(workflow(tmp_path, "inference", ["inference.json"], dataset_dir=str(polyp_data / "Kvasir-Sessile"),
+                 output_dir=str(out), image_size=96, backbone="pvt_v2_b0", num_workers=0))
+    for image in sorted((polyp_data / "Kvasir-Sessile" / "images").iterdir()):
+        with Image.open(image) as src, Image.open(out / "images" / f"{image.stem}.png") as mask:
+            assert mask.size == src.size  # masks are written at native size
+
+
+def test_multi_gpu_config_trains_with_two_processes(tmp_path):
+    """multi_gpu_train.json through torchrun: two CPU processes (gloo) stand in for two GPUs (nccl)."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           "-m", "monai.bundle", "run", "--config_file",
+           f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']",
+           "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf"),
+           "--bundle_root", str(tmp_path), "--epochs", "2", "--image_size", "64", "--backbone", "pvt_v2_b0",
+           "--num_workers", "0", "--progress_bar", "False"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    weights = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    assert "backbone.patch_embed1.proj.weight" in weights  # saved unwrapped from DistributedDataParallel
+    assert result.stdout.count("Epoch[2] Metrics -- train_loss") == 1  # epoch logs from rank 0 only
