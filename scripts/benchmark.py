@@ -16,8 +16,8 @@ What is measured (each a median over ``repeats`` after ``warmup`` untimed runs):
   on one image at the metadata's input shape: latency per image;
 * ``infer_end_to_end_s_per_image``: the whole inference workflow (load, preprocess, forward, invert, save) over
   the bundle's default inference data, divided by the number of images;
-* ``peak_memory_mib``: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the process's peak resident set size
-  (``ru_maxrss``, everything the process held, Python and the data included).
+* ``peak_memory_mib``: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the peak resident set size
+  (``ru_maxrss``) of the fresh process that measures the variant (everything it held: Python, libraries, data).
 
 With several ``variants`` (override sets), every figure is also given as a ratio to the first variant.
 Results are written as JSON (default ``bench/<bundle>_<device>.json``) and printed.
@@ -26,6 +26,7 @@ Results are written as JSON (default ``bench/<bundle>_<device>.json``) and print
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -35,6 +36,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -161,10 +163,14 @@ def benchmark(bundle: str = "endoked_polyp_segmentation", batch_size: int | None
         common["batch_size"] = batch_size or 2
     results: dict[str, Any] = {"bundle": bundle, "machine": machine(device), "repeats": repeats, "warmup": warmup,
                                "overrides": common, "variants": {}}
+    spawn = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in variants.items():
             print(f"[{bundle}] measuring {name} ...", file=sys.stderr, flush=True)
-            results["variants"][name] = measure(folder, {**common, **extra}, repeats, warmup, Path(tmp) / name)
+            # a fresh process per variant: its peak memory is its own, and no variant warms the next one's caches
+            with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+                job = pool.submit(measure, folder, {**common, **extra}, repeats, warmup, Path(tmp) / name)
+                results["variants"][name] = job.result()
     base = next(iter(results["variants"].values()))
     for figures in results["variants"].values():
         figures["ratio_to_first"] = {k: figures[k] / base[k] for k in

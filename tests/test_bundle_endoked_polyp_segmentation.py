@@ -253,3 +253,13 @@ def test_multi_gpu_config_trains_with_two_processes(tmp_path):
     weights = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert "backbone.patch_embed1.proj.weight" in weights  # saved unwrapped from DistributedDataParallel
     assert result.stdout.count("Epoch[2] Metrics -- train_loss") == 1  # epoch logs from rank 0 only
+
+
+def test_a_fresh_run_replaces_the_states_of_an_older_run(trained, tmp_path):
+    """Without --resume, training in a folder holding an older run's states starts at epoch 1 and, once it has
+    saved its own state, removes the older ones (so a later resume cannot pick a stale file)."""
+    root = tmp_path / "again"
+    shutil.copytree(trained, root)
+    (root / "models" / "training_state_epoch=7.pt").write_bytes(b"an older run's state")
+    run(workflow(root, "train", ["train.json"], epochs=2, **TINY))
+    assert [p.name for p in (root / "models").glob("training_state_*")] == ["training_state_epoch=2.pt"]

@@ -354,7 +354,8 @@ def test_demo_is_idempotent_and_regenerates(tmp_path):
     assert (root / "TrainDataset" / "masks" / "0003.png").is_file()
     make_demo_polyp_dataset(root, **{**DEMO, "n_train": 3})  # other parameters -> regenerated
     assert len(list((root / "TrainDataset" / "images").iterdir())) == 3
-    assert sorted(p.name for p in root.parent.iterdir()) == ["demo"]  # no temporary folder left beside it
+    # no temporary folder left beside it (only the generator's lock file, ".demo.lock")
+    assert sorted(p.name for p in root.parent.iterdir() if p.suffix != ".lock") == ["demo"]
 
 
 def test_demo_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
@@ -370,7 +371,7 @@ def test_demo_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(demo_polyps, "_write_set", failing_write_set)
     with pytest.raises(KeyboardInterrupt):
         make_demo_polyp_dataset(tmp_path / "demo", **DEMO)
-    assert list(tmp_path.iterdir()) == []  # neither <root> nor a temporary folder
+    assert [p for p in tmp_path.iterdir() if p.suffix != ".lock"] == []  # neither <root> nor a temporary folder
 
 
 def test_demo_refuses_foreign_folder_and_bad_arguments(tmp_path):
@@ -502,3 +503,17 @@ def test_real_polyp_pairs_load():
     for pair in polyp_datalist(root):
         out = chain(pair)
         assert out["image"].shape[0] == 3 and set(torch.unique(out["label"]).tolist()) == {0.0, 1.0}
+
+
+def test_demo_concurrent_generators_agree(tmp_path):
+    """Two processes asking for the same demo at once (the ranks of a torchrun job) both get a complete dataset."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from common.data.demo_polyps import make_demo_polyp_dataset as m; "
+            "m(sys.argv[1], n_train=3, n_test=(1, 1), size=(32, 48)); print('ok')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "demo")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert len(list((tmp_path / "demo" / "TrainDataset" / "images").iterdir())) == 3

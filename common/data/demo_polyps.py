@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image
 
 __all__ = ["make_demo_polyp_dataset", "ensure_demo_polyp_dataset", "DEMO_TEST_SETS"]
@@ -245,32 +246,32 @@ def make_demo_polyp_dataset(
         "size": list(size),
         "seed": int(seed),
     }
-    if _is_complete(root, params):
-        return root
-    if root.exists() and (not root.is_dir() or (any(root.iterdir()) and _read_marker(root) is None)):
-        raise FileExistsError(
-            f"{root} exists and was not made by {__name__}; refusing to overwrite it with the demo polyp dataset. "
-            "Pass an empty or new folder."
-        )
-    logger.info("generating the demo polyp dataset in %s (%s)", root, params)
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        files = []
-        sets = [("TrainDataset", tmp / "TrainDataset", int(n_train))]
-        sets += [(name, tmp / "TestDataset" / name, n) for name, n in zip(DEMO_TEST_SETS, n_test)]
-        for index, (name, folder, n) in enumerate(sets):  # one random stream per set: (seed, set index)
-            if n == 0:
-                continue
-            rng = np.random.default_rng(np.random.SeedSequence([int(seed), index]))
-            prefix = folder.relative_to(tmp).as_posix()
-            files += [f"{prefix}/{f}" for f in _write_set(folder, rng, n, size, _STYLES[name])]
-        (tmp / MARKER).write_text(json.dumps({**params, "files": files}, indent=1))
-        _move_into_place(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if not _is_complete(root, params):  # another process replaced it with other parameters meanwhile
-        raise RuntimeError(f"demo polyp dataset at {root} was changed by someone else while being generated.")
+    # one generator at a time (e.g. the ranks of a torchrun job): the others wait, then find it complete
+    with FileLock(str(root.parent / f".{root.name}.lock")):
+        if _is_complete(root, params):
+            return root
+        if root.exists() and (not root.is_dir() or (any(root.iterdir()) and _read_marker(root) is None)):
+            raise FileExistsError(
+                f"{root} exists and was not made by {__name__}; refusing to overwrite it with the demo polyp "
+                "dataset. Pass an empty or new folder."
+            )
+        logger.info("generating the demo polyp dataset in %s (%s)", root, params)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+        try:
+            files = []
+            sets = [("TrainDataset", tmp / "TrainDataset", int(n_train))]
+            sets += [(name, tmp / "TestDataset" / name, n) for name, n in zip(DEMO_TEST_SETS, n_test)]
+            for index, (name, folder, n) in enumerate(sets):  # one random stream per set: (seed, set index)
+                if n == 0:
+                    continue
+                rng = np.random.default_rng(np.random.SeedSequence([int(seed), index]))
+                prefix = folder.relative_to(tmp).as_posix()
+                files += [f"{prefix}/{f}" for f in _write_set(folder, rng, n, size, _STYLES[name])]
+            (tmp / MARKER).write_text(json.dumps({**params, "files": files}, indent=1))
+            _move_into_place(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
@@ -282,10 +283,6 @@ def _move_into_place(tmp: Path, root: Path) -> None:
         os.replace(root, old / "data")
     try:
         os.replace(tmp, root)
-    except OSError:
-        if not root.exists():
-            raise
-        # a concurrent call put a dataset there first; ours is discarded and that one is checked by the caller
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

@@ -12,6 +12,7 @@ import logging
 import re
 from pathlib import Path
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
@@ -38,8 +39,9 @@ def latest_training_state(save_dir: str | Path, prefix: str = "training_state") 
 class TrainingStateCheckpoint:
     """Save ``{model, optimizer, ..., trainer}`` every ``save_interval`` epochs; optionally resume at start.
 
-    Files are written atomically (``<save_dir>/<prefix>_epoch=<n>.pt``, temporary file then rename) and only the
-    newest ``n_saved`` are kept. With ``resume=True`` the newest file is loaded when the trainer starts (through
+    Files are written atomically (``<save_dir>/<prefix>_epoch=<n>.pt``, temporary file then rename); after each save
+    only the newest ``n_saved`` files of this run are kept (files of earlier runs in ``save_dir`` are removed then,
+    not before, so a run that fails in its first epoch leaves them in place). With ``resume=True`` the newest file is loaded when the trainer starts (through
     MONAI's ``CheckpointLoader``, ``weights_only`` loading), so training continues at the next epoch up to the
     current ``max_epochs``; with no file yet, training starts from scratch and says so.
 
@@ -77,12 +79,25 @@ class TrainingStateCheckpoint:
         objects = {**self.save_dict, "trainer": engine}
         saver = DiskSaver(str(self.save_dir), require_empty=False, atomic=True, create_dir=True)
         checkpoint = Checkpoint(
-            objects, saver, filename_prefix=self.prefix, n_saved=self.n_saved,
+            objects, saver, filename_prefix=self.prefix, n_saved=None,
             filename_pattern="{filename_prefix}_epoch={global_step}.{ext}",
             global_step_transform=lambda eng, _: eng.state.epoch,
         )
+        written: list[Path] = []
+
+        def prune(_: Engine) -> None:
+            """Keep the newest ``n_saved`` files of this run; remove every other state file in ``save_dir`` (older
+            runs', and the one this run resumed from), so a later resume cannot pick a stale file."""
+            if idist.get_rank() != 0:  # only rank 0 writes (ignite's DiskSaver), so only rank 0 prunes
+                return
+            written.append(self.save_dir / Path(checkpoint.last_checkpoint).name)
+            keep = set(written[-self.n_saved:])
+            for path in training_states(self.save_dir, self.prefix):
+                if path not in keep:
+                    path.unlink(missing_ok=True)
+
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), checkpoint)
-        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self._prune)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), prune)
         if not self.resume:
             return
         latest = latest_training_state(self.save_dir, self.prefix)
@@ -91,9 +106,3 @@ class TrainingStateCheckpoint:
             return
         logger.info(f"resuming from {latest}")
         CheckpointLoader(load_path=str(latest), load_dict=objects, map_location=self.map_location).attach(engine)
-
-    def _prune(self, engine: Engine) -> None:
-        """Keep the newest ``n_saved`` files, including those of the run this one resumed (ignite's own pruning
-        only knows the files written by this process)."""
-        for path in training_states(self.save_dir, self.prefix)[: -self.n_saved]:
-            path.unlink(missing_ok=True)
