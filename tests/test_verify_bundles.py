@@ -48,11 +48,12 @@ def test_a_broken_bundle_fails_with_a_clear_list(tmp_path):
     assert "broken_bundle: verify_net_in_out: ValueError: output channel number" in result.stderr
 
 
-def test_bundle_lint_deep():
+def test_bundle_lint_deep(tmp_path):
     lint = data_root().parent / "tools" / "bundle_lint.py"
     if not lint.is_file():
         pytest.skip(f"{lint} not found")
-    result = subprocess.run([sys.executable, str(lint), "--deep", "bundles"], capture_output=True, text=True,
-                            cwd=REPO_ROOT, timeout=600)
+    # --deep builds each workflow with bundle_root "." (the zoo default): run it where it may write its demo data
+    result = subprocess.run([sys.executable, str(lint), "--deep", str(REPO_ROOT / "bundles")], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:]
     assert result.stdout.strip().endswith("1 of 1 bundles pass")

@@ -1,0 +1,307 @@
+"""The collection's bundles served by MONAI Label 0.8.5, driven in-process (no server, no network).
+
+For every bundle under ``bundles/`` that has ``configs/inference.json``, MONAI Label's own tasks run on real
+frames of ``../shared/data``: ``BundleInferTask`` (checked against an independent re-computation and against the
+bundle's own ``inference.json`` run), ``BundleTrainTask`` on a ``LocalDatastore``, and the ``monaibundle`` sample
+app shipped inside the monailabel wheel, set up the documented offline way (``monailabel apps --download --name
+monaibundle``, the bundle linked into ``model/<name>``, ``zoo_source`` other than ``monaihosting``) with
+``EpistemicScoring``. Each bundle is copied to a temporary folder and shrunk by editing top-level ids in the copy's
+JSON (MONAI Label passes no overrides of ours), so nothing is written into the repository.
+
+MONAI Label is an optional extra::
+
+    pip install --no-deps monailabel==0.8.5 pydicom-seg==0.4.1
+    pip install -r requirements-monailabel.txt
+
+Without it this module is skipped, unless ``FRUGALZOO_REQUIRE_MONAILABEL=1`` (CI), where its absence fails.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.bundle import ConfigParser, ConfigWorkflow
+from PIL import Image
+
+from conftest import REPO_ROOT, require_data
+
+try:
+    from monailabel.config import settings
+    from monailabel.datastore.local import LocalDatastore
+    from monailabel.tasks.infer.bundle import BundleInferTask
+    from monailabel.tasks.train.bundle import BundleTrainTask
+    from monailabel.utils.others import generic
+except ImportError as err:
+    _REASON = (f"MONAI Label is not importable ({err}); install it with `pip install --no-deps monailabel==0.8.5 "
+               "pydicom-seg==0.4.1 && pip install -r requirements-monailabel.txt`")
+    if os.environ.get("FRUGALZOO_REQUIRE_MONAILABEL") == "1":
+        pytest.fail(_REASON, pytrace=False)
+    pytest.skip(_REASON, allow_module_level=True)
+
+pytestmark = [pytest.mark.slow, pytest.mark.realdata,
+              pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")]
+
+BUNDLES = sorted(p.name for p in (REPO_ROOT / "bundles").iterdir() if (p / "configs" / "inference.json").is_file())
+RUNTIME_OUTPUTS = shutil.ignore_patterns("models", "data", "eval", "runs", "__pycache__")
+
+
+# ----------------------------------------------------------------------------------------------- per-bundle cases
+@dataclass(frozen=True)
+class Case:
+    """How to shrink a bundle, what MONAI Label must report for it, and which real data to serve it.
+
+    Attributes:
+        tiny: config file name -> {top-level id: value} written into the temporary copy.
+        labels: the label map MONAI Label must report (name -> value in the result mask).
+        dimension: spatial dimensions MONAI Label must report.
+        data: folder of the shared data (``conftest.require_data``).
+        pairs: ``data folder -> [(image, label), ...]`` real files in MONAI Label's image/label sense.
+        saved_scale: factor between MONAI Label's mask values and those of the bundle's own saved masks.
+        reference: ``(image, network, tiny inference ids) -> mask``, the bundle's computation written out
+            independently of MONAI, in numpy's ``(H, W)`` order.
+    """
+
+    tiny: dict[str, dict[str, Any]]
+    labels: dict[str, int]
+    dimension: int
+    data: str
+    pairs: Callable[[Path], list[tuple[Path, Path]]]
+    saved_scale: int
+    reference: Callable[[Path, torch.nn.Module, dict[str, Any]], np.ndarray]
+
+
+def kvasir_pairs(root: Path) -> list[tuple[Path, Path]]:
+    images = sorted((root / "Kvasir" / "images").glob("*.jpg"))
+    return [(image, root / "Kvasir" / "masks" / f"{image.stem}.png") for image in images]
+
+
+def polyp_reference_mask(image: Path, network: torch.nn.Module, ids: dict[str, Any]) -> np.ndarray:
+    """The polyp bundle's inference on a PIL image read as numpy ``(H, W, 3)``, with no MONAI transform.
+
+    ``x = resize(rgb / 255, s x s)`` (bilinear, ``s = image_size``), logits ``z = net(x)`` resized back to
+    ``(H, W)`` (bilinear, as ``Invertd`` with ``nearest_interp: false``), ``p = sigmoid(z)``,
+    ``p <- (p - min p) / (max p - min p)``, mask ``= p >= 0.5`` (MONAI's ``AsDiscrete`` threshold), as uint8.
+    """
+    with Image.open(image) as src:
+        rgb = np.asarray(src.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None]  # (1, 3, H, W)
+    x = F.interpolate(x, size=(ids["image_size"], ids["image_size"]), mode="bilinear")
+    with torch.no_grad():
+        logits = network.eval()(x)
+    p = torch.sigmoid(F.interpolate(logits, size=rgb.shape[:2], mode="bilinear"))[0, 0]
+    p = (p - p.min()) / (p.max() - p.min())
+    return (p >= 0.5).numpy().astype(np.uint8)
+
+
+POLYP_TINY = {"backbone": "pvt_v2_b0", "image_size": 64, "num_workers": 0}
+CASES = {
+    "endoked_polyp_segmentation": Case(
+        tiny={"inference.json": POLYP_TINY, "train.json": {**POLYP_TINY, "scales": [1.0], "progress_bar": False}},
+        labels={"polyp": 1}, dimension=2, data="polyp", pairs=kvasir_pairs, saved_scale=255,
+        reference=polyp_reference_mask,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+@pytest.fixture(params=BUNDLES)
+def case(request) -> tuple[str, Case]:
+    name = request.param
+    if name not in CASES:
+        pytest.fail(f"bundle {name} has no MONAI Label test case: add one to CASES in tests/test_monailabel.py")
+    return name, CASES[name]
+
+
+@pytest.fixture
+def pairs(case) -> list[tuple[Path, Path]]:
+    found = case[1].pairs(require_data(case[1].data))
+    assert len(found) >= 5, f"need 5 image/label pairs, found {len(found)}"
+    return found
+
+
+@dataclass
+class Served:
+    """A temporary, shrunk copy of a bundle and the network whose random-init weights it holds."""
+
+    root: Path
+    network: torch.nn.Module
+
+
+def fetching(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError(f"MONAI Label tried to fetch from the model zoo: {args} {kwargs}")
+
+
+def serve_copy(name: str, case: Case, dest: Path) -> Served:
+    """Copy the bundle (without its runtime outputs) to ``dest``, shrink it, and save random-init weights."""
+    shutil.copytree(REPO_ROOT / "bundles" / name, dest, ignore=RUNTIME_OUTPUTS)
+    for config, ids in case.tiny.items():
+        path = dest / "configs" / config
+        content = json.loads(path.read_text())
+        assert set(ids) <= set(content), f"{config} lacks ids {sorted(set(ids) - set(content))}"
+        path.write_text(json.dumps({**content, **ids}, indent=4))
+    parser = ConfigParser()
+    parser.read_config(str(dest / "configs" / "inference.json"))
+    parser["bundle_root"] = str(dest)
+    torch.manual_seed(0)
+    network = parser.get_parsed_content("network_def")
+    (dest / "models").mkdir()
+    torch.save(network.state_dict(), dest / "models" / "model.pt")  # a plain state dict, as training saves it
+    return Served(dest, network)
+
+
+def studies(folder: Path, pairs: list[tuple[Path, Path]], labelled: bool) -> Path:
+    """MONAI Label's local datastore layout: images at the root, their labels in ``labels/final``."""
+    (folder / "labels" / "final").mkdir(parents=True)
+    for image, label in pairs:
+        shutil.copy(image, folder)
+        if labelled:
+            shutil.copy(label, folder / "labels" / "final" / f"{image.stem}{label.suffix}")
+    return folder
+
+
+def bundle_inference(root: Path, image: Path, out: Path) -> np.ndarray:
+    """The bundle's own ``inference.json`` run on a folder holding ``image``; the single mask it writes."""
+    (out / "in" / "images").mkdir(parents=True)
+    shutil.copy(image, out / "in" / "images")
+    wf = ConfigWorkflow(config_file=str(root / "configs" / "inference.json"),
+                        meta_file=str(root / "configs" / "metadata.json"), logging_file=False,
+                        workflow_type="inference", bundle_root=str(root), dataset_dir=str(out / "in"),
+                        output_dir=str(out / "pred"))
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    (mask,) = [p for p in (out / "pred").rglob("*") if p.is_file()]
+    with Image.open(mask) as saved:
+        return np.asarray(saved)
+
+
+def error_text(err: BaseException | None) -> str:
+    """The message of an error and of everything it was raised from (MONAI wraps transform errors)."""
+    parts = []
+    while err is not None:
+        parts.append(str(err))
+        err = err.__cause__ or err.__context__
+    return " | ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------- tests
+def test_infer_task_matches_the_bundle_and_the_image(case, pairs, tmp_path):
+    """BundleInferTask on a real, non-square frame: MONAI Label swaps LoadImaged for its LoadImageTensord and
+    appends Restored and its writer; the mask must still be the bundle's own, pixel for pixel, at native size."""
+    name, spec = case
+    served = serve_copy(name, spec, tmp_path / name)
+    task = BundleInferTask(str(served.root), conf={"preload": "false"})
+    assert task.is_valid()
+    assert (task.type, task.dimension, task.labels) == ("segmentation", spec.dimension, spec.labels)
+
+    image = pairs[0][0]
+    with Image.open(image) as src:
+        width, height = src.size
+    assert width != height  # a transposed mask would show as a wrong size
+    # no result_dtype: the bundle casts to uint8 itself; result_extension because a JPEG mask would be lossy
+    mask_file, result = task({"image": str(image), "device": "cpu", "result_extension": ".png"})
+    assert result["label_names"] == spec.labels
+    with Image.open(mask_file) as out:
+        assert (out.format, out.mode, out.size) == ("PNG", "L", (width, height))
+        mask = np.asarray(out)
+    Path(mask_file).unlink()  # MONAI Label leaves its results in the system temp folder
+    assert mask.dtype == np.uint8 and set(np.unique(mask).tolist()) == {0, 1}  # both classes: not a constant mask
+
+    reference = spec.reference(image, served.network, spec.tiny["inference.json"])
+    assert reference.shape == (height, width)
+    # a few pixels with p within rounding of 0.5 may differ; a flip or an axis swap disagrees on a large part
+    assert np.mean(mask == reference) > 0.999
+    own = bundle_inference(served.root, image, tmp_path / "own")
+    assert np.array_equal(own, mask * spec.saved_scale)
+
+
+def test_train_task_trains_on_the_datastore(case, pairs, tmp_path):
+    """BundleTrainTask: MONAI Label's own train/validation lists of {"image", "label"} dicts and max_epochs."""
+    name, spec = case
+    served = serve_copy(name, spec, tmp_path / name)
+    datastore = LocalDatastore(str(studies(tmp_path / "studies", pairs[:5], labelled=True)),
+                               extensions=["*.jpg", "*.png"], auto_reload=False)
+    assert len(datastore.datalist()) == 5
+    model = served.root / "models" / "model.pt"
+    before = torch.load(model, weights_only=True)
+
+    task = BundleTrainTask(str(served.root), conf={})
+    assert task.is_valid()
+    # val_split 0.4 of 5 pairs: 3 to train, 2 to validate (the CheckpointSaver of the best validation writes model.pt)
+    task({"model": name, "max_epochs": 1, "device": "cpu", "multi_gpu": False, "val_split": 0.4}, datastore)
+
+    after = torch.load(model, weights_only=True)
+    assert set(after) == set(before)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "models/model.pt was not rewritten"
+    # one epoch, MONAI Label's max_epochs (the bundle's own default on its demo data is 5)
+    assert sorted(p.name for p in (served.root / "models").glob("training_state_*")) == ["training_state_epoch=1.pt"]
+
+
+def test_train_task_names_a_bad_label(case, pairs, tmp_path):
+    """MONAI Label's lists go through the bundle's pair checks: a wrong-sized label is named in the error."""
+    name, spec = case
+    served = serve_copy(name, spec, tmp_path / name)
+    folder = studies(tmp_path / "studies", pairs[:5], labelled=True)
+    bad = next((folder / "labels" / "final").iterdir())
+    Image.new("L", (10, 10)).save(bad)
+    datastore = LocalDatastore(str(folder), extensions=["*.jpg", "*.png"], auto_reload=False)
+    with pytest.raises(Exception) as info:
+        BundleTrainTask(str(served.root), conf={})(
+            {"model": name, "max_epochs": 1, "device": "cpu", "multi_gpu": False, "val_split": 0.4}, datastore)
+    assert str(bad) in error_text(info.value)
+
+
+def test_sample_app_serves_offline_and_scores(case, pairs, tmp_path, monkeypatch):
+    """The monaibundle sample app from the wheel, as `monailabel start_server` builds it, with no network:
+    zoo_source github and the bundle linked into model/<name>; then inference by image id and epistemic scoring."""
+    name, spec = case
+    served = serve_copy(name, spec, tmp_path / name)
+    copied = subprocess.run([sys.executable, "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle",
+                             "--output", str(tmp_path / "apps")], capture_output=True, text=True, timeout=120)
+    assert copied.returncode == 0, copied.stdout[-2000:] + copied.stderr[-2000:]
+    app_dir = tmp_path / "apps" / "monaibundle"
+    (app_dir / "model").mkdir(exist_ok=True)
+    (app_dir / "model" / name).symlink_to(served.root, target_is_directory=True)
+
+    monkeypatch.setattr(settings, "MONAI_LABEL_SESSIONS", False)  # no session folder in the home directory
+    monkeypatch.setattr(settings, "MONAI_LABEL_DATASTORE_AUTO_RELOAD", False)  # no file-watcher thread
+    monkeypatch.setattr(generic, "download", fetching)  # a bundle download or zoo listing would fail the test
+    monkeypatch.setattr(generic, "get_all_bundles_list", fetching)
+    loader = importlib.util.spec_from_file_location("monaibundle_app", app_dir / "main.py")
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    conf = {"models": name, "zoo_source": "github", "sam2": "false", "preload": "false",
+            "epistemic_model": name, "epistemic_simulation_size": "2", "epistemic_max_samples": "1"}
+    app = module.MyApp(str(app_dir), str(studies(tmp_path / "studies", pairs[:2], labelled=False)), conf)
+
+    info = app.info()
+    assert info["models"][name]["labels"] == spec.labels and info["models"][name]["dimension"] == spec.dimension
+    assert name in info["trainers"] and name in info["scoring"]
+    image = pairs[0][0]
+    result = app.infer({"model": name, "image": image.stem, "device": "cpu", "result_extension": ".png"})
+    with Image.open(result["file"]) as out, Image.open(image) as src:
+        assert (out.format, out.size) == ("PNG", src.size)
+    Path(result["file"]).unlink()
+
+    summary = app.scoring({"method": name, "device": "cpu", "max_workers": 1})
+    assert (summary["total"], summary["executed"]) == (2, 1)
+    scores = [app.datastore().get_image_info(i).get("epistemic_entropy") for i in app.datastore().list_images()]
+    (score,) = [s for s in scores if s is not None]
+    # per pixel -p ln p of the mean of the binary masks, where MONAI Label lifts 0 to 5e-5: runs that all agree
+    # give at most 5e-5 * ln(2e4) = 5e-5 * 9.90 = 4.95e-4, so more means the dropout runs disagreed;
+    # -p ln p is at most 1/e = 0.368 (at p = 1/e)
+    assert 4.95e-4 < score <= 0.368
+
