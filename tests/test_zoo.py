@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import common
 from conftest import REPO_ROOT
@@ -308,15 +309,24 @@ def test_monai_bundle_download_accepts_our_archive(bundles_dir, http_zoo, tmp_pa
     assert installed.read_bytes() == (bundles_dir / BUNDLE / "configs" / "metadata.json").read_bytes()
 
 
-def test_done_when_packaged_served_downloaded_and_loaded(bundles_dir, http_zoo, tmp_path, monkeypatch):
-    """The issue's "Done when": package here, serve on loopback, install with zoo.py, ``monai.bundle.load``."""
+def test_done_when_packaged_served_downloaded_loaded_and_served_by_monai_label(
+    bundles_dir, http_zoo, tmp_path, monkeypatch
+):
+    """The issue's "Done when", in one test: package here, serve on loopback, install with zoo.py into an empty
+    directory, ``monai.bundle.load`` the network, and serve a real frame with MONAI Label's ``BundleInferTask``."""
     import monai.bundle.scripts
     from monai.bundle import load
 
     from common.networks.polyp_pvt import PolypPVT
+    from conftest import require_data
 
+    bundle_infer_task = pytest.importorskip("monailabel.tasks.infer.bundle").BundleInferTask
+    frame = sorted((require_data("polyp") / "Kvasir" / "images").iterdir())[0]
+    for config in ("train.json", "inference.json"):  # a PVTv2-b0 bundle: 15 MB of weights instead of b2's 100 MB
+        path = bundles_dir / BUNDLE / "configs" / config
+        path.write_text(json.dumps({**json.loads(path.read_text()), "backbone": "pvt_v2_b0", "image_size": 64}))
     torch.manual_seed(0)
-    weights = PolypPVT(backbone="pvt_v2_b0").state_dict()  # 3.7M parameters: 15 MB instead of b2's 100 MB
+    weights = PolypPVT(backbone="pvt_v2_b0").state_dict()
     torch.save(weights, bundles_dir / BUNDLE / "models" / "model.pt")
     folder, url = http_zoo
     package(bundles_dir, folder, include_weights=True, base_url=url)
@@ -329,19 +339,20 @@ def test_done_when_packaged_served_downloaded_and_loaded(bundles_dir, http_zoo, 
         raise AssertionError(f"monai.bundle.load tried to download: {kwargs}")
 
     monkeypatch.setattr(monai.bundle.scripts, "download", no_download)
-    # load() builds network_def through ConfigWorkflow, whose initialize() runs the config's "initialize" list; that
-    # resolves @checkpointloader and @evaluator (so the demo dataset and models/model.pt) under "bundle_root": ".",
-    # i.e. the working directory. Point bundle_root at the install (args_file is load()'s way to pass overrides).
-    args_file = tmp_path / "load_args.json"
-    args_file.write_text(json.dumps({"bundle_root": str(target / BUNDLE)}))
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     with pytest.warns(UserWarning, match="Only proceed if this config is from a source you trust"):
-        net = load(name=BUNDLE, bundle_dir=str(target), workflow_type="inference", source="github",
-                   net_override={"backbone": "pvt_v2_b0"}, device="cpu", args_file=str(args_file))
+        net = load(name=BUNDLE, bundle_dir=str(target), workflow_type="inference", source="github", device="cpu")
     assert isinstance(net, PolypPVT)
     loaded = net.state_dict()
     assert loaded.keys() == weights.keys()
     assert all(torch.equal(loaded[k], weights[k]) for k in weights)
-    assert list(cwd.iterdir()) == []  # nothing written relative to the working directory
+    assert list(cwd.iterdir()) == []  # building the network wrote nothing (no data, no outputs)
+
+    task = bundle_infer_task(str(target / BUNDLE), conf={"preload": "false"})
+    assert (task.dimension, task.labels) == (2, {"polyp": 1})
+    mask_file, _ = task({"image": str(frame), "device": "cpu", "result_extension": ".png"})
+    with Image.open(frame) as src, Image.open(mask_file) as mask:
+        assert (mask.format, mask.mode, mask.size) == ("PNG", "L", src.size)
+    Path(mask_file).unlink()
