@@ -249,6 +249,11 @@ def test_multi_gpu_config_trains_with_two_processes(tmp_path):
            "--num_workers", "0", "--progress_bar", "False"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    if (result.returncode != 0 and "Signal 6 (SIGABRT)" in result.stderr
+            and "terminate called without an active exception" in result.stderr):
+        # Rarely (about 1 run in 30 on a loaded 2-core machine) a CPU rank aborts in torch's C++ teardown after
+        # its training has finished (seen once in CI before finalize got its barrier); run once more before judging.
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     weights = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert "backbone.patch_embed1.proj.weight" in weights  # saved unwrapped from DistributedDataParallel
