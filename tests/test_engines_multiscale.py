@@ -67,3 +67,11 @@ def test_gradients_are_clamped_elementwise():
 def test_no_scales_is_refused():
     with pytest.raises(ValueError, match="scales"):
         _trainer(Recorder(), lr=0.0, scales=())
+
+
+def test_summed_heads_inferer_adds_a_tuple_and_passes_a_tensor():
+    from common.engines.inferers import SummedHeadsInferer
+
+    x = torch.arange(4.0).reshape(1, 1, 2, 2)
+    assert torch.equal(SummedHeadsInferer()(x, lambda t: (t, 2 * t)), 3 * x)  # P1 + P2 = x + 2x
+    assert torch.equal(SummedHeadsInferer()(x, lambda t: t + 1), x + 1)

@@ -39,11 +39,12 @@ def latest_training_state(save_dir: str | Path, prefix: str = "training_state") 
 class TrainingStateCheckpoint:
     """Save ``{model, optimizer, ..., trainer}`` every ``save_interval`` epochs; optionally resume at start.
 
-    Files are written atomically (``<save_dir>/<prefix>_epoch=<n>.pt``, temporary file then rename); after each save
-    only the newest ``n_saved`` files of this run are kept (files of earlier runs in ``save_dir`` are removed then,
-    not before, so a run that fails in its first epoch leaves them in place). With ``resume=True`` the newest file is loaded when the trainer starts (through
-    MONAI's ``CheckpointLoader``, ``weights_only`` loading), so training continues at the next epoch up to the
-    current ``max_epochs``; with no file yet, training starts from scratch and says so.
+    Files are written atomically (``<save_dir>/<prefix>_epoch=<n>.pt``, temporary file then rename); after each
+    save only the newest ``n_saved`` files of this run are kept (files of earlier runs in ``save_dir`` are removed
+    then, not before, so a run that fails in its first epoch leaves them in place). With ``resume=True`` the newest
+    file is loaded when the trainer starts (through MONAI's ``CheckpointLoader``, ``weights_only`` loading), so
+    training continues at the next epoch up to the current ``max_epochs``; with no file yet, training starts from
+    scratch and says so.
 
     Args:
         save_dir: folder of the state files (created when missing).
