@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,24 +22,7 @@ from common.data.polyp_folders import (
     split_train_val,
 )
 from common.transforms.io import CheckPolypPaird, LoadPolypImaged
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def real_data_dir(name: str) -> Path:
-    """Folder ``name`` of the real test data (``$FRUGALZOO_DATA``, default ``<repo>/../shared/data``).
-
-    Skips the test when it is absent, or fails it when ``FRUGALZOO_REQUIRE_DATA=1``.
-    """
-    data = Path(os.environ.get("FRUGALZOO_DATA", REPO_ROOT.parent / "shared" / "data"))
-    folder = data / name
-    if not folder.is_dir():
-        message = f"real data folder {folder} is missing (set FRUGALZOO_DATA to the folder holding {name}/)"
-        if os.environ.get("FRUGALZOO_REQUIRE_DATA") == "1":
-            pytest.fail(f"FRUGALZOO_REQUIRE_DATA=1 but {message}.")
-        pytest.skip(message)
-    return folder
-
+from conftest import require_data
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
@@ -486,7 +468,7 @@ def test_check_polyp_pair_shape_mismatch_and_bad_mask():
 
 @pytest.mark.realdata
 def test_real_polyp_roles():
-    root = real_data_dir("polyp")
+    root = require_data("polyp")
     pairs = polyp_datalist(root, ["Kvasir", "CVC-ClinicDB"])  # check_pair on each
     assert len(pairs) == 47  # 27 Kvasir + 20 CVC-ClinicDB
     roles = resolve_roles(root, train_sets=["Kvasir", "CVC-ClinicDB"], val_fraction=0.2, seed=0)
@@ -498,7 +480,7 @@ def test_real_polyp_roles():
 
 @pytest.mark.realdata
 def test_real_polyp_pairs_load():
-    root = real_data_dir("polyp")
+    root = require_data("polyp")
     chain = Compose([LoadPolypImaged(["image", "label"]), EnsureChannelFirstd(["image", "label"]), CheckPolypPaird()])
     for pair in polyp_datalist(root):
         out = chain(pair)
@@ -506,14 +488,27 @@ def test_real_polyp_pairs_load():
 
 
 def test_demo_concurrent_generators_agree(tmp_path):
-    """Two processes asking for the same demo at once (the ranks of a torchrun job) both get a complete dataset."""
+    """Several processes asking for the same demo at the same moment (the ranks of a torchrun job) all get a
+    complete dataset that stays in place while they read it."""
     import subprocess
     import sys
+    import time
 
-    code = ("import sys; from common.data.demo_polyps import make_demo_polyp_dataset as m; "
-            "m(sys.argv[1], n_train=3, n_test=(1, 1), size=(32, 48)); print('ok')")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "demo")], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    # each process imports, signals it is ready, waits for "go" (so the generators really overlap), generates, then
+    # keeps reading its dataset as a training rank would: without the generator's lock a late process moves the
+    # early one's finished folder aside under its readers
+    code = ("import sys, time; from pathlib import Path; from common.data.demo_polyps import make_demo_polyp_dataset"
+            " as m\nPath(sys.argv[2]).touch()\nwhile not Path(sys.argv[3]).exists(): time.sleep(0.01)\n"
+            "root = m(sys.argv[1], n_train=6, n_test=(2, 2), size=(64, 96)); end = time.time() + 2\n"
+            "while time.time() < end: [p.read_bytes() for p in sorted(Path(root, 'TrainDataset', 'images').iterdir())]")
+    go = tmp_path / "go"
+    ready = [tmp_path / f"ready{i}" for i in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "demo"), str(r), str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in ready]
+    deadline = time.time() + 120
+    while not all(r.exists() for r in ready) and time.time() < deadline:
+        time.sleep(0.05)
+    go.touch()
     outputs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
-    assert len(list((tmp_path / "demo" / "TrainDataset" / "images").iterdir())) == 3
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    assert len(list((tmp_path / "demo" / "TrainDataset" / "images").iterdir())) == 6
