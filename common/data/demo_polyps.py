@@ -39,25 +39,22 @@ every single channel, so no global colour threshold segments it; a small network
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from filelock import FileLock
 from PIL import Image
+
+from .generated import ensure_generated
 
 __all__ = ["make_demo_polyp_dataset", "ensure_demo_polyp_dataset", "DEMO_TEST_SETS"]
 
 logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
-MARKER = ".complete"
 DEMO_TEST_SETS: tuple[str, str] = ("SynthA", "SynthB")
 JPEG_QUALITY = 90
 
@@ -180,21 +177,6 @@ def _write_set(folder: Path, rng: np.random.Generator, n: int, size: tuple[int, 
     return written
 
 
-def _read_marker(root: Path) -> dict | None:
-    try:
-        marker = json.loads((root / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    return marker if isinstance(marker, dict) and marker.get("generator") == __name__ else None
-
-
-def _is_complete(root: Path, params: dict) -> bool:
-    marker = _read_marker(root)
-    if marker is None or {k: marker.get(k) for k in params} != params:
-        return False
-    return all((root / f).is_file() for f in marker.get("files", [])) and bool(marker.get("files"))
-
-
 def make_demo_polyp_dataset(
     root: str | os.PathLike,
     n_train: int = 24,
@@ -228,7 +210,6 @@ def make_demo_polyp_dataset(
         ValueError: bad counts or size.
         FileExistsError: ``root`` exists, is not empty and was not made by this generator.
     """
-    root = Path(root).expanduser().absolute()
     n_test = tuple(int(n) for n in n_test)
     size = tuple(int(s) for s in size)
     if int(n_train) < 1 or len(n_test) != len(DEMO_TEST_SETS) or min(n_test) < 0:
@@ -246,46 +227,20 @@ def make_demo_polyp_dataset(
         "size": list(size),
         "seed": int(seed),
     }
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # one generator at a time (e.g. the ranks of a torchrun job): the others wait, then find it complete
-    with FileLock(str(root.parent / f".{root.name}.lock")):
-        if _is_complete(root, params):
-            return root
-        if root.exists() and (not root.is_dir() or (any(root.iterdir()) and _read_marker(root) is None)):
-            raise FileExistsError(
-                f"{root} exists and was not made by {__name__}; refusing to overwrite it with the demo polyp "
-                "dataset. Pass an empty or new folder."
-            )
-        logger.info("generating the demo polyp dataset in %s (%s)", root, params)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-        try:
-            files = []
-            sets = [("TrainDataset", tmp / "TrainDataset", int(n_train))]
-            sets += [(name, tmp / "TestDataset" / name, n) for name, n in zip(DEMO_TEST_SETS, n_test)]
-            for index, (name, folder, n) in enumerate(sets):  # one random stream per set: (seed, set index)
-                if n == 0:
-                    continue
-                rng = np.random.default_rng(np.random.SeedSequence([int(seed), index]))
-                prefix = folder.relative_to(tmp).as_posix()
-                files += [f"{prefix}/{f}" for f in _write_set(folder, rng, n, size, _STYLES[name])]
-            (tmp / MARKER).write_text(json.dumps({**params, "files": files}, indent=1))
-            _move_into_place(tmp, root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root
 
+    def write(tmp: Path) -> list[str]:
+        files = []
+        sets = [("TrainDataset", tmp / "TrainDataset", int(n_train))]
+        sets += [(name, tmp / "TestDataset" / name, n) for name, n in zip(DEMO_TEST_SETS, n_test)]
+        for index, (name, folder, n) in enumerate(sets):  # one random stream per set: (seed, set index)
+            if n == 0:
+                continue
+            rng = np.random.default_rng(np.random.SeedSequence([int(seed), index]))
+            prefix = folder.relative_to(tmp).as_posix()
+            files += [f"{prefix}/{f}" for f in _write_set(folder, rng, n, size, _STYLES[name])]
+        return files
 
-def _move_into_place(tmp: Path, root: Path) -> None:
-    """``os.replace`` the finished ``tmp`` onto ``root``; an old ``root`` is first moved aside, then deleted."""
-    old = None
-    if root.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-        os.replace(root, old / "data")
-    try:
-        os.replace(tmp, root)
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    return ensure_generated(root, params, write, "demo polyp dataset")
 
 
 def ensure_demo_polyp_dataset(

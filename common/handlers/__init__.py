@@ -1,5 +1,7 @@
 """Ignite handlers: training-state checkpoints and evaluation reports."""
 
-from . import polyp_report, training_state
+from . import class_probability_writer, label_budget_report, polyp_report, training_state
+from .class_probability_writer import ClassProbabilityWriter
+from .label_budget_report import LabelBudgetReport
 from .polyp_report import PolypEvaluationReport
 from .training_state import TrainingStateCheckpoint, latest_training_state

@@ -18,14 +18,15 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
+
+from common.utils.checkpoints import load_state_dict_strict, read_state_dict
 
 __all__ = [
     "OverlapPatchEmbed",
@@ -385,61 +386,6 @@ PVT_V2_BUILDERS: dict[str, Callable[..., PyramidVisionTransformerV2]] = {
     "pvt_v2_b4": pvt_v2_b4,
     "pvt_v2_b5": pvt_v2_b5,
 }
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict saved with :func:`torch.save` (``weights_only=True``, mapped to CPU).
-
-    Accepts a plain ``{key: tensor}`` mapping or one wrapped as ``{"model": sd}`` / ``{"state_dict": sd}``;
-    a leading ``module.`` (DistributedDataParallel) is stripped from every key that has it.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the file cannot be read, or it does not hold a mapping of names to tensors.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: '{path}'.")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for damaged files
-        raise ValueError(f"could not read checkpoint '{path}' (corrupt or not a torch file): {err}") from err
-    for wrapper in ("model", "state_dict"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
-            obj = obj[wrapper]
-            break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"checkpoint '{path}' does not hold a state dict (a mapping of names to tensors).")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def load_state_dict_strict(
-    module: nn.Module, state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, max_listed: int = 5
-) -> None:
-    """Load ``state_dict`` into ``module`` requiring exactly the same keys and shapes.
-
-    Raises:
-        ValueError: naming ``path`` and listing up to ``max_listed`` missing, unexpected and
-            shape-mismatched keys.
-    """
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state_dict and state_dict[k].shape != v.shape
-    ]
-    problems = [
-        f"{len(keys)} {kind} key(s), e.g. {keys[:max_listed]}"
-        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched))
-        if keys
-    ]
-    if problems:
-        raise ValueError(
-            f"checkpoint '{path}' does not match {type(module).__name__}: " + "; ".join(problems) + "."
-        )
-    module.load_state_dict(state_dict, strict=True)
 
 
 def load_pvt_v2_pretrained(model: PyramidVisionTransformerV2, path: str | os.PathLike) -> None:

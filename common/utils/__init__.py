@@ -1,3 +1,3 @@
-"""Small utilities: all-or-nothing output folders and figures."""
+"""Small utilities: configs, all-or-nothing output folders, figures and schedules."""
 
-from . import config, figures, files
+from . import checkpoints, config, figures, files, ramps, schedules

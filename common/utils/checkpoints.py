@@ -1,0 +1,78 @@
+"""Reading checkpoint files with clear errors, and strict state-dict loading that names what differs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["load_checkpoint", "read_state_dict", "load_state_dict_strict"]
+
+
+def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with errors that name the file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file cannot be read (damaged, not a torch file, or holding non-tensor objects).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: '{path}'.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for damaged files
+        raise ValueError(f"could not read {what} '{path}' (corrupt or not a torch file): {err}") from err
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict saved with :func:`torch.save` (``weights_only=True``, mapped to CPU).
+
+    Accepts a plain ``{key: tensor}`` mapping or one wrapped as ``{"model": sd}`` / ``{"state_dict": sd}``;
+    a leading ``module.`` (DistributedDataParallel) is stripped from every key that has it.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file cannot be read, or it does not hold a mapping of names to tensors.
+    """
+    obj = load_checkpoint(path)
+    for wrapper in ("model", "state_dict"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"checkpoint '{path}' does not hold a state dict (a mapping of names to tensors).")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_state_dict_strict(
+    module: nn.Module, state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, max_listed: int = 5
+) -> None:
+    """Load ``state_dict`` into ``module`` requiring exactly the same keys and shapes.
+
+    Raises:
+        ValueError: naming ``path`` and listing up to ``max_listed`` missing, unexpected and
+            shape-mismatched keys.
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    problems = [
+        f"{len(keys)} {kind} key(s), e.g. {keys[:max_listed]}"
+        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched))
+        if keys
+    ]
+    if problems:
+        raise ValueError(
+            f"checkpoint '{path}' does not match {type(module).__name__}: " + "; ".join(problems) + "."
+        )
+    module.load_state_dict(state_dict, strict=True)
