@@ -6,6 +6,7 @@ Usage::
     python scripts/benchmark.py --bundle endoked_polyp_segmentation --batch_size 8 --repeats 10 --out bench/x.json
     python scripts/benchmark.py --bundle endoked_polyp_segmentation \\
         --variants '{"channels_last": {}, "contiguous": {"channels_last": false}}'     # ratios between variants
+    python scripts/benchmark.py --bundle sparsam_dino_classification --prepare evaluate.json
 
 What is measured (each a median over ``repeats`` after ``warmup`` untimed runs):
 
@@ -13,7 +14,7 @@ What is measured (each a median over ``repeats`` after ``warmup`` untimed runs):
   its own data loader: for Polyp-PVT that is the three-scale step (three forward/backward/optimiser steps);
   ``train_samples_per_s`` = batch size / ``train_step_s``;
 * ``infer_forward_s``: the inference network (``inference.json`` ``network_def``, eval mode, no grad, AMP on GPU)
-  on one image at the metadata's input shape: latency per image;
+  on one image of the bundle's inference data as its preprocessing gives it: latency per image;
 * ``infer_end_to_end_s_per_image``: the whole inference workflow (load, preprocess, forward, invert, save) over
   the bundle's default inference data, divided by the number of images;
 * ``peak_memory_mib``: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the peak resident set size
@@ -77,7 +78,17 @@ def _peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def measure(bundle: Path, override: dict, repeats: int, warmup: int, workdir: Path) -> dict[str, Any]:
+def _config_ids(bundle: Path, config: str) -> set[str]:
+    return set(json.loads((bundle / "configs" / config).read_text()))
+
+
+def _first_tensor(images: Any) -> torch.Tensor:
+    """The batch tensor, or the first view of a multi-view batch (a list of tensors, e.g. DINO's crops)."""
+    return images[0] if isinstance(images, (list, tuple)) else images
+
+
+def measure(bundle: Path, override: dict, repeats: int, warmup: int, workdir: Path,
+            prepare: str | None = None) -> dict[str, Any]:
     """Every figure of the module docstring for one set of overrides."""
     wf = _workflow(bundle, ["train.json"], "train", workdir, override)
     trainer = wf.parser.get_parsed_content("train#trainer")
@@ -86,18 +97,22 @@ def measure(bundle: Path, override: dict, repeats: int, warmup: int, workdir: Pa
     if sync:
         torch.cuda.reset_peak_memory_stats(device)
     batch = next(iter(wf.parser.get_parsed_content("train#dataloader")))
-    batch_size = int(batch["image"].shape[0])
+    images = batch["image"]
+    batch_size = int(_first_tensor(images).shape[0])
     step, step_raw = _median_time(lambda: trainer._iteration(trainer, batch), repeats, warmup, sync)
     train_peak = _peak_memory_mib(device)
 
-    infer_override = {k: v for k, v in override.items() if k in {"backbone", "image_size", "num_workers",
-                                                               "normalize_imagenet", "unet_features"}}
+    if prepare:  # e.g. the evaluation that fits the classifier inference applies to the features
+        ids = _config_ids(bundle, prepare)
+        pwf = _workflow(bundle, [prepare], "infer", workdir,
+                        {"load_pretrain": False, **{k: v for k, v in override.items() if k in ids}})
+        pwf.run()
+    ids = _config_ids(bundle, "inference.json")
+    infer_override = {k: v for k, v in override.items() if k in ids and k != "batch_size"}
     iwf = _workflow(bundle, ["inference.json"], "inference", workdir, {"load_pretrain": False, **infer_override})
     net = iwf.parser.get_parsed_content("network").eval()
-    image = iwf.parser.get("_meta_#network_data_format#inputs#image")
-    size = infer_override.get("image_size")
-    shape = [size, size] if size else image["spatial_shape"]
-    x = torch.rand(1, image["num_channels"], *shape, device=device)
+    # one preprocessed image of the bundle's own inference data, at the size its preprocessing gives
+    x = _first_tensor(next(iter(iwf.parser.get_parsed_content("dataloader")))["image"])[:1].to(device)
     amp = torch.autocast("cuda", enabled=sync)
 
     def forward() -> None:
@@ -111,7 +126,8 @@ def measure(bundle: Path, override: dict, repeats: int, warmup: int, workdir: Pa
     end_to_end, _ = _median_time(lambda: iwf.run(), max(1, repeats // 2), 1, sync)
     return {
         "batch_size": batch_size,
-        "train_input_shape": list(batch["image"].shape),
+        "train_input_shape": [list(v.shape) for v in images] if isinstance(images, (list, tuple))
+        else list(images.shape),
         "train_step_s": step,
         "train_samples_per_s": batch_size / step,
         "infer_input_shape": list(x.shape),
@@ -138,7 +154,8 @@ def machine(device: str) -> dict[str, Any]:
 
 
 def benchmark(bundle: str = "endoked_polyp_segmentation", batch_size: int | None = None, repeats: int = 5,
-              warmup: int = 1, variants: dict | str | None = None, out: str | None = None, **override: Any) -> None:
+              warmup: int = 1, variants: dict | str | None = None, out: str | None = None,
+              prepare: str | None = None, **override: Any) -> None:
     """Benchmark one bundle; see the module docstring.
 
     Args:
@@ -148,6 +165,8 @@ def benchmark(bundle: str = "endoked_polyp_segmentation", batch_size: int | None
         warmup: untimed repetitions before timing.
         variants: ``{name: {id: value}}`` override sets to compare (JSON string or dict); ratios are to the first.
         out: JSON file to write (default ``bench/<bundle>_<cpu|cuda>.json``).
+        prepare: a config of the bundle run (untimed, ``load_pretrain=False``) before inference, when inference
+            needs its output (Sparsam: ``evaluate.json`` fits the classifier that inference applies).
         override: extra top-level ids applied to every variant (e.g. ``--backbone pvt_v2_b0``).
     """
     warnings.filterwarnings("ignore")
@@ -169,7 +188,7 @@ def benchmark(bundle: str = "endoked_polyp_segmentation", batch_size: int | None
             print(f"[{bundle}] measuring {name} ...", file=sys.stderr, flush=True)
             # a fresh process per variant: its peak memory is its own, and no variant warms the next one's caches
             with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-                job = pool.submit(measure, folder, {**common, **extra}, repeats, warmup, Path(tmp) / name)
+                job = pool.submit(measure, folder, {**common, **extra}, repeats, warmup, Path(tmp) / name, prepare)
                 results["variants"][name] = job.result()
     base = next(iter(results["variants"].values()))
     for figures in results["variants"].values():

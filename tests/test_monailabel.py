@@ -55,6 +55,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.realdata,
               pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")]
 
 BUNDLES = sorted(p.name for p in (REPO_ROOT / "bundles").iterdir() if (p / "configs" / "inference.json").is_file())
+# MONAI Label's BundleInferTask takes the task type from the folder name (specs/monai_bundles.md §3.2)
+SEGMENTATION_BUNDLES = [b for b in BUNDLES if "classification" not in b]
+CLASSIFICATION_BUNDLES = [b for b in BUNDLES if "classification" in b]
 RUNTIME_OUTPUTS = shutil.ignore_patterns("models", "data", "eval", "runs", "__pycache__")
 
 
@@ -117,7 +120,7 @@ CASES = {
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-@pytest.fixture(params=BUNDLES)
+@pytest.fixture(params=SEGMENTATION_BUNDLES)
 def case(request) -> tuple[str, Case]:
     name = request.param
     if name not in CASES:
@@ -305,3 +308,136 @@ def test_sample_app_serves_offline_and_scores(case, pairs, tmp_path, monkeypatch
     # -p ln p is at most 1/e = 0.368 (at p = 1/e)
     assert 4.95e-4 < score <= 0.368
 
+
+
+# ----------------------------------------------------------------------------------------------- classification
+@dataclass(frozen=True)
+class ClassificationCase:
+    """How to shrink a classification bundle and which real images to serve it.
+
+    Attributes:
+        tiny: config file name -> {top-level id: value} written into the temporary copy.
+        data: folder of the shared data (``conftest.require_data``).
+        subset: ``(data folder, destination) -> dataset folder``: a small labelled dataset in the bundle's layout,
+            on which the copy's evaluation fits the classifier that inference serves.
+    """
+
+    tiny: dict[str, dict[str, Any]]
+    data: str
+    subset: Callable[[Path, Path], Path]
+
+
+def wbc_subset(root: Path, dest: Path, per_class: int = 6) -> Path:
+    """``per_class`` real white-blood-cell images of each class with at least that many, and their labels.csv rows."""
+    lines = (root / "labels.csv").read_text().splitlines()
+    rows = [line.split(",") for line in lines[1:]]
+    counts: dict[str, int] = {}
+    for _, class_id, _ in rows:
+        counts[class_id] = counts.get(class_id, 0) + 1
+    kept: list[list[str]] = []
+    for row in rows:
+        if counts[row[1]] >= per_class and sum(r[1] == row[1] for r in kept) < per_class:
+            kept.append(row)
+    (dest / "images").mkdir(parents=True)
+    for image_id, _, _ in kept:
+        shutil.copy(root / "images" / f"{image_id}.png", dest / "images")
+    (dest / "labels.csv").write_text("\n".join([lines[0], *(",".join(r) for r in kept)]) + "\n")
+    return dest
+
+
+SPARSAM_TINY = {"backbone_kwargs": {"embed_dim": 48, "depth": 2, "num_heads": 4, "cls_attn_layers": 1},
+                "image_resolution": 32, "num_workers": 0}
+CLASSIFICATION_CASES = {
+    "sparsam_dino_classification": ClassificationCase(
+        tiny={"inference.json": SPARSAM_TINY, "evaluate.json": {**SPARSAM_TINY, "budgets": [1], "n_draws": 1}},
+        data="wbc", subset=wbc_subset,
+    ),
+}
+
+
+@pytest.fixture(params=CLASSIFICATION_BUNDLES)
+def classification_case(request) -> tuple[str, ClassificationCase]:
+    name = request.param
+    if name not in CLASSIFICATION_CASES:
+        pytest.fail(f"bundle {name} has no MONAI Label test case: add one to CLASSIFICATION_CASES in "
+                    "tests/test_monailabel.py")
+    return name, CLASSIFICATION_CASES[name]
+
+
+def serve_classifier(name: str, spec: ClassificationCase, dataset: Path, dest: Path) -> Path:
+    """A shrunk copy with random-init backbone weights and the classifier its own evaluation fits on ``dataset``."""
+    served = serve_copy(name, Case(tiny=spec.tiny, labels={}, dimension=2, data=spec.data, pairs=lambda _: [],
+                                   saved_scale=1, reference=lambda *_: np.zeros(0)), dest)
+    wf = ConfigWorkflow(config_file=str(served.root / "configs" / "evaluate.json"),
+                        meta_file=str(served.root / "configs" / "metadata.json"), logging_file=False,
+                        workflow_type="infer", bundle_root=str(served.root), dataset_dir=str(dataset))
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    assert (served.root / "models" / "classifier.skops").is_file()
+    return served.root
+
+
+def own_probabilities(root: Path, dataset: Path, out: Path) -> dict[str, list[float]]:
+    """The bundle's own ``inference.json`` on ``dataset``: probabilities per image id, from its predictions.csv."""
+    wf = ConfigWorkflow(config_file=str(root / "configs" / "inference.json"),
+                        meta_file=str(root / "configs" / "metadata.json"), logging_file=False,
+                        workflow_type="inference", bundle_root=str(root), dataset_dir=str(dataset),
+                        output_dir=str(out))
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    lines = (out / "predictions.csv").read_text().splitlines()
+    return {cells[0]: [float(v) for v in cells[1:-1]] for cells in (line.split(",") for line in lines[1:])}
+
+
+def test_classification_infer_task_matches_the_bundle(classification_case, tmp_path):
+    """BundleInferTask on real images: the classification type from the folder name, MONAI Label's Restored and
+    ClassificationWriter after the bundle's postprocessing, and the bundle's own probabilities per class."""
+    name, spec = classification_case
+    dataset = spec.subset(require_data(spec.data), tmp_path / "data")
+    root = serve_classifier(name, spec, dataset, tmp_path / name)
+    task = BundleInferTask(str(root), conf={"preload": "false"})
+    assert task.is_valid()
+    assert (task.type, task.dimension) == ("classification", 2)
+
+    own = own_probabilities(root, dataset, tmp_path / "own")
+    n_classes = len(next(iter(own.values())))
+    images = sorted((dataset / "images").iterdir())
+    assert len(own) == len(images) and n_classes >= 2
+    for image in images[:: max(1, len(images) // 4)]:
+        _, result = task({"image": str(image), "device": "cpu"})
+        prediction = result["prediction"]
+        assert [p["idx"] for p in prediction] == list(range(n_classes))
+        scores = [p["score"] for p in prediction]
+        assert sum(scores) == pytest.approx(1.0, abs=1e-5)
+        assert scores == pytest.approx(own[image.stem], abs=1e-5)  # predictions.csv keeps 6 decimals
+
+
+def test_classification_sample_app_serves_offline(classification_case, tmp_path, monkeypatch):
+    """The monaibundle sample app from the wheel lists the bundle as a classification model and infers by image id."""
+    name, spec = classification_case
+    dataset = spec.subset(require_data(spec.data), tmp_path / "data")
+    root = serve_classifier(name, spec, dataset, tmp_path / name)
+    copied = subprocess.run([sys.executable, "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle",
+                             "--output", str(tmp_path / "apps")], capture_output=True, text=True, timeout=120)
+    assert copied.returncode == 0, copied.stdout[-2000:] + copied.stderr[-2000:]
+    app_dir = tmp_path / "apps" / "monaibundle"
+    (app_dir / "model").mkdir(exist_ok=True)
+    (app_dir / "model" / name).symlink_to(root, target_is_directory=True)
+
+    monkeypatch.setattr(settings, "MONAI_LABEL_SESSIONS", False)
+    monkeypatch.setattr(settings, "MONAI_LABEL_DATASTORE_AUTO_RELOAD", False)
+    monkeypatch.setattr(generic, "download", fetching)
+    monkeypatch.setattr(generic, "get_all_bundles_list", fetching)
+    loader = importlib.util.spec_from_file_location("monaibundle_app", app_dir / "main.py")
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    images = sorted((dataset / "images").iterdir())[:2]
+    conf = {"models": name, "zoo_source": "github", "sam2": "false", "preload": "false", "skip_trainers": "true"}
+    app = module.MyApp(str(app_dir), str(studies(tmp_path / "studies", [(i, i) for i in images], labelled=False)), conf)
+
+    assert app.info()["models"][name]["type"] == "classification"
+    result = app.infer({"model": name, "image": images[0].stem, "device": "cpu"})
+    scores = [p["score"] for p in result["params"]["prediction"]]
+    assert len(scores) >= 2 and sum(scores) == pytest.approx(1.0, abs=1e-5)

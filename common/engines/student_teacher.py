@@ -147,7 +147,7 @@ class StudentTeacherTrainer(SupervisedTrainer):
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if not torch.isfinite(output[Keys.LOSS]):
             raise FloatingPointError(f"StudentTeacherTrainer: loss is {output[Keys.LOSS].item()} at iteration "
-                                     f"{step}; lower the learning rate or check the input views")
+                                     f"{engine.state.iteration} (epoch {engine.state.epoch}); lower the learning rate or check the input views")
         if use_scaler:
             engine.scaler.scale(output[Keys.LOSS]).backward()
             engine.scaler.unscale_(engine.optimizer)

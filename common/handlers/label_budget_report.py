@@ -29,6 +29,8 @@ from ignite.engine import Engine, Events
 
 from common.data.label_budget import budgets_for
 from common.metrics.label_budget_sweep import (
+    ROW_KEYS,
+    SUMMARY_KEYS,
     build_classifier,
     format_budget_table,
     plot_budget_curves,
@@ -36,6 +38,7 @@ from common.metrics.label_budget_sweep import (
     summarise,
     sweep_label_budgets,
 )
+from common.utils.files import write_csv
 
 __all__ = ["LabelBudgetReport", "report_budget_sweep", "write_budget_rows", "CLASSIFIER_FILE", "CLASSES_FILE"]
 
@@ -43,28 +46,20 @@ logger = logging.getLogger(__name__)
 
 CLASSIFIER_FILE = "classifier.skops"
 CLASSES_FILE = "classifier.json"
-ROW_COLUMNS = ("classifier", "n_per_class", "n_train", "draw", "seed", "balanced_accuracy")
 
 
 def write_budget_rows(rows: list[dict[str, Any]], output_dir: str | os.PathLike, source: str) -> Path:
     """Write one source's sweep rows to ``<output_dir>/budget_rows_<source>.csv`` (atomically)."""
-    path = Path(output_dir) / f"budget_rows_{source}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=ROW_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    return path
+    return write_csv(Path(output_dir) / f"budget_rows_{source}.csv", ROW_KEYS, rows)
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    missing = set(ROW_COLUMNS) - set(rows[0] if rows else ROW_COLUMNS)
-    if missing:
-        raise ValueError(f"{path}: budget rows lack the columns {sorted(missing)}")
+        reader = csv.DictReader(f)
+        missing = set(ROW_KEYS) - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: budget rows lack the columns {sorted(missing)}")
+        rows = list(reader)
     return [{"classifier": r["classifier"], "n_per_class": int(r["n_per_class"]), "n_train": int(r["n_train"]),
              "draw": int(r["draw"]), "seed": int(r["seed"]), "balanced_accuracy": float(r["balanced_accuracy"])}
             for r in rows]
@@ -83,13 +78,7 @@ def report_budget_sweep(output_dir: str | os.PathLike, title: str = "") -> list[
     summary = summarise(rows)
     if not summary:
         raise ValueError(f"{output_dir}: the budget rows are empty")
-    path = output_dir / "budget_summary.csv"
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
-        writer.writeheader()
-        writer.writerows(summary)
-    os.replace(tmp, path)
+    write_csv(output_dir / "budget_summary.csv", SUMMARY_KEYS, summary)
     plot_budget_curves(summary, output_dir / "balanced_accuracy.png", title)
     logger.info("balanced accuracy vs labelled images per class (mean ± std over draws; %s):\n%s",
                 ", ".join(p.name for p in files), format_budget_table(summary))
@@ -112,7 +101,10 @@ class LabelBudgetReport:
         classifiers: classifier names (``svm``, ``knn``, ``logreg``).
         seed: seed of the first draw (draw ``d`` uses ``seed + d``).
         inference_classifier: the classifier fitted on every labelled training feature and saved for inference.
-        source: name of these rows in the merged table (e.g. ``ssl``).
+        source: name of these rows' file, ``budget_rows_<source>.csv``, in the merged table (e.g. ``ssl``).
+        classifier_prefix: prepended to the classifier names of these rows, so that two sources with the same
+            classifiers stay apart in the merged table (e.g. ``"random-init "`` for features of an untrained
+            backbone).
         title: figure title.
     """
 
@@ -127,6 +119,7 @@ class LabelBudgetReport:
         seed: int = 0,
         inference_classifier: str | None = "svm",
         source: str = "ssl",
+        classifier_prefix: str = "",
         title: str = "",
     ) -> None:
         self.output_dir = Path(output_dir)
@@ -138,6 +131,7 @@ class LabelBudgetReport:
         self.seed = seed
         self.inference_classifier = inference_classifier
         self.source = source
+        self.classifier_prefix = classifier_prefix
         self.title = title
         self.features: list[np.ndarray] = []
         self.labels: list[int] = []
@@ -172,6 +166,7 @@ class LabelBudgetReport:
                     len(train_y), len(test_y), train_x.shape[1], budgets, self.n_draws, self.classifiers)
         rows = sweep_label_budgets(train_x, train_y, test_x, test_y, budgets, self.n_draws, self.classifiers,
                                    seed=self.seed)
+        rows = [{**row, "classifier": self.classifier_prefix + row["classifier"]} for row in rows]
         write_budget_rows(rows, self.output_dir, self.source)
         self.summary = report_budget_sweep(self.output_dir, self.title)
         if self.ckpt_dir is not None and self.inference_classifier is not None:

@@ -7,10 +7,8 @@ and ground truth are both non-empty).
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from ignite.engine import Engine, Events
 
 from common.metrics.polyp import polyp_measures, prepare_probability
 from common.utils.figures import save_overlay
+from common.utils.files import write_csv
 
 __all__ = ["PolypEvaluationReport", "format_table"]
 
@@ -34,16 +33,6 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     line = lambda values: "  ".join(v.rjust(w) for v, w in zip(values, widths))  # noqa: E731
     return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)])
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    """Write atomically: a temporary file renamed into place, so no half-written CSV is ever left."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 class PolypEvaluationReport:
@@ -114,8 +103,8 @@ class PolypEvaluationReport:
             self.summary.append(self._summarise(self.rows, "all images"))
         columns = ["set", "images", *(c for c in SUMMARY_COLUMNS if c in self.rows[0])]
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        _write_csv(self.output_dir / "metrics_per_image.csv", self.rows, ["set", "name", *columns[2:]])
-        _write_csv(self.output_dir / "metrics_per_set.csv", self.summary, columns)
+        write_csv(self.output_dir / "metrics_per_image.csv", ["set", "name", *columns[2:]], self.rows)
+        write_csv(self.output_dir / "metrics_per_set.csv", columns, self.summary)
         for row in self.summary:
             engine.state.metrics[f"{row['set']}/dice"] = row["dice"]
         logger.info("per-set metrics (protocols (b) and (c), specs/endoked.md §5.1):\n"

@@ -21,7 +21,6 @@ elsewhere (the supervised deep-learning baseline, :func:`budget_row`) concatenat
 
 from __future__ import annotations
 
-import csv
 import logging
 import zipfile
 from collections.abc import Iterable, Sequence
@@ -44,6 +43,7 @@ from sklearn.svm import SVC
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from common.data.label_budget import subsample_per_class
+from common.utils.files import write_csv
 
 __all__ = [
     "CLASSIFIERS",
@@ -268,13 +268,6 @@ def summarise(rows: Iterable[dict]) -> list[dict]:
     return summary
 
 
-def _write_csv(records: list[dict], keys: Sequence[str], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(keys), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(records)
-
-
 def write_budget_table(rows: Sequence[dict], csv_path: str | Path) -> tuple[Path, Path]:
     """Write the raw rows to ``csv_path`` and :func:`summarise` to ``<stem>_summary.csv`` beside it.
 
@@ -282,10 +275,9 @@ def write_budget_table(rows: Sequence[dict], csv_path: str | Path) -> tuple[Path
     """
     csv_path = Path(csv_path)
     summary = summarise(rows)
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
     summary_path = csv_path.with_name(f"{csv_path.stem}_summary.csv")
-    _write_csv(list(rows), ROW_KEYS, csv_path)
-    _write_csv(summary, SUMMARY_KEYS, summary_path)
+    write_csv(csv_path, ROW_KEYS, rows)
+    write_csv(summary_path, SUMMARY_KEYS, summary)
     return csv_path, summary_path
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from common.metrics.label_budget_sweep import load_classifier
@@ -37,7 +38,8 @@ def read_class_names(classes_file: str | os.PathLike) -> list[str]:
 
 
 class FeatureClassifierd(MapTransform):
-    """Replace the feature vector ``d[key]`` (``[D]``) by class probabilities (``[C]``, float32).
+    """Replace the feature vector ``d[key]`` (``[D]``) by class probabilities (``[C]``, float32 ``MetaTensor``, the
+    type MONAI Label's classification writer reads).
 
     Args:
         keys: keys of the feature vectors.
@@ -69,5 +71,5 @@ class FeatureClassifierd(MapTransform):
                 raise ValueError(f"{self.classifier_path}: the classifier expects {expected} features, the backbone "
                                  f"gave {features.shape[1]} (weights and classifier from different runs?)")
             probs = np.asarray(self.pipeline.predict_proba(features), dtype=np.float32)[0]
-            d[key] = torch.from_numpy(probs)
+            d[key] = MetaTensor(torch.from_numpy(probs))
         return d

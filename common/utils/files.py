@@ -1,12 +1,16 @@
-"""All-or-nothing output folders: write into a staging folder, then publish it with one rename."""
+"""All-or-nothing outputs: folders written into a staging folder and published with one rename; CSV files
+written to a temporary file and renamed into place."""
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["discard_folder", "publish_folder"]
+__all__ = ["discard_folder", "publish_folder", "write_csv"]
 
 
 def discard_folder(folder: str | os.PathLike) -> None:
@@ -33,3 +37,24 @@ def publish_folder(staging: str | os.PathLike, target: str | os.PathLike) -> Pat
     os.replace(staging, target)
     discard_folder(previous)
     return target
+
+
+def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[Mapping[str, Any] | Sequence[Any]]) -> Path:
+    """Write a CSV with a header atomically: a temporary file beside ``path``, renamed into place when complete.
+
+    Rows are mappings (keys outside ``columns`` are ignored) or sequences in the order of ``columns``. On any
+    error the temporary file is removed and an existing ``path`` is left as it was. Parent folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            for row in rows:
+                writer.writerow([row.get(c, "") for c in columns] if isinstance(row, Mapping) else row)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
