@@ -102,15 +102,15 @@ def measure(bundle: Path, override: dict, repeats: int, warmup: int, workdir: Pa
     step, step_raw = _median_time(lambda: trainer._iteration(trainer, batch), repeats, warmup, sync)
     train_peak = _peak_memory_mib(device)
 
-    if prepare:  # e.g. the evaluation that fits the classifier inference applies to the features
-        ids = _config_ids(bundle, prepare)
-        pwf = _workflow(bundle, [prepare], "infer", workdir,
-                        {"load_pretrain": False, **{k: v for k, v in override.items() if k in ids}})
-        pwf.run()
     ids = _config_ids(bundle, "inference.json")
     infer_override = {k: v for k, v in override.items() if k in ids and k != "batch_size"}
     iwf = _workflow(bundle, ["inference.json"], "inference", workdir, {"load_pretrain": False, **infer_override})
     net = iwf.parser.get_parsed_content("network").eval()
+    if prepare:  # e.g. the evaluation that fits, on this network's features, the classifier inference applies
+        (workdir / "models").mkdir(parents=True, exist_ok=True)
+        torch.save(net.state_dict(), workdir / "models" / "model.pt")  # the random-init weights, as training saves
+        ids = _config_ids(bundle, prepare)
+        _workflow(bundle, [prepare], "infer", workdir, {k: v for k, v in override.items() if k in ids}).run()
     # one preprocessed image of the bundle's own inference data, at the size its preprocessing gives
     x = _first_tensor(next(iter(iwf.parser.get_parsed_content("dataloader")))["image"])[:1].to(device)
     amp = torch.autocast("cuda", enabled=sync)
@@ -165,8 +165,9 @@ def benchmark(bundle: str = "endoked_polyp_segmentation", batch_size: int | None
         warmup: untimed repetitions before timing.
         variants: ``{name: {id: value}}`` override sets to compare (JSON string or dict); ratios are to the first.
         out: JSON file to write (default ``bench/<bundle>_<cpu|cuda>.json``).
-        prepare: a config of the bundle run (untimed, ``load_pretrain=False``) before inference, when inference
-            needs its output (Sparsam: ``evaluate.json`` fits the classifier that inference applies).
+        prepare: a config of the bundle run (untimed) before inference, when inference needs its output (Sparsam:
+            ``evaluate.json`` fits the classifier that inference applies); it reads the inference network's
+            randomly initialised weights from ``models/model.pt`` of the temporary bundle root.
         override: extra top-level ids applied to every variant (e.g. ``--backbone pvt_v2_b0``).
     """
     warnings.filterwarnings("ignore")
