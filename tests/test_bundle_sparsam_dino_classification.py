@@ -324,6 +324,8 @@ def test_budget_above_every_class_uses_all_labelled_images(tmp_path):
     rows = read_csv(root / "eval" / "budget_rows_ssl.csv")
     assert sorted((r["classifier"], int(r["n_per_class"]), int(r["n_train"])) for r in rows) == [
         ("knn", 11, 44), ("logreg", 11, 44), ("svm", 11, 44)]
+    # an untrained backbone (load_pretrain False: the random-init baseline) never writes the inference classifier
+    assert not (root / "models" / "classifier.skops").exists() and not (root / "models" / "classifier.json").exists()
 
 
 # ----------------------------------------------------------------------------------------------- bad input
