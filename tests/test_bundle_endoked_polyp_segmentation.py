@@ -6,7 +6,6 @@ only; ``bundle_root`` points at a temporary folder so that nothing is written in
 
 from __future__ import annotations
 
-import csv
 import math
 import shutil
 from pathlib import Path
@@ -22,7 +21,7 @@ from common.data.demo_polyps import make_demo_polyp_dataset
 from common.handlers.training_state import latest_training_state
 from common.utils.config import check_cli_overrides
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, bundle_workflow, read_csv, run_workflow
 
 BUNDLE = REPO_ROOT / "bundles" / "endoked_polyp_segmentation"
 CONFIGS = BUNDLE / "configs"
@@ -32,25 +31,18 @@ TINY = {"backbone": "pvt_v2_b0", "image_size": 64, "batch_size": 4, "num_workers
 pytestmark = pytest.mark.slow
 
 
-def workflow(bundle_root: Path, kind: str, configs: list[str], **override) -> ConfigWorkflow:
-    wf = ConfigWorkflow(
-        config_file=[str(CONFIGS / c) for c in configs], meta_file=str(CONFIGS / "metadata.json"),
-        logging_file=False, workflow_type=kind, bundle_root=str(bundle_root), **override,
-    )
-    wf.initialize()
-    assert wf.check_properties() == []
-    return wf
+def workflow(bundle_root: Path, kind: str | None, configs: list[str], **override) -> ConfigWorkflow:
+    """:func:`conftest.bundle_workflow` of this bundle's configs (CONFIGS)."""
+    return bundle_workflow(CONFIGS, bundle_root, kind, configs, **override)
 
 
-def run(wf: ConfigWorkflow):
-    result = wf.run()
-    wf.finalize()
-    return result
+run = run_workflow
 
 
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
+
+
+
+
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from common.networks.timm_backbone import create_backbone
 from common.transforms.multicrop import EvalTransformd
 from common.utils.config import check_cli_overrides
 
-from conftest import REPO_ROOT, require_data
+from conftest import REPO_ROOT, bundle_workflow, read_csv, run_workflow, error_text, require_data
 
 BUNDLE = REPO_ROOT / "bundles" / "sparsam_dino_classification"
 BACKBONE = "xcit_small_12_p8_224"
@@ -49,7 +49,15 @@ DEMO_CLASSES = ["round", "bilobed", "multilobed", "kidney"]  # demo class_id 1..
 ITERATIONS_PER_EPOCH = 6  # 52 SSL images // batch 8 (module docstring)
 CLASSIFIERS = ("svm", "knn", "logreg")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+
+def workflow(bundle_root: Path, kind: str | None, configs: list[str], **override) -> ConfigWorkflow:
+    """:func:`conftest.bundle_workflow` of this bundle's configs (bundle_root / "configs")."""
+    return bundle_workflow(bundle_root / "configs", bundle_root, kind, configs, **override)
+
+
+run = run_workflow
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -59,35 +67,12 @@ def bundle_copy(dest: Path) -> Path:
     return dest
 
 
-def workflow(bundle_root: Path, kind: str | None, configs: list[str], **override) -> ConfigWorkflow:
-    configs_dir = bundle_root / "configs"
-    wf = ConfigWorkflow(
-        config_file=[str(configs_dir / c) for c in configs], meta_file=str(configs_dir / "metadata.json"),
-        logging_file=False, workflow_type=kind, bundle_root=str(bundle_root), **override,
-    )
-    wf.initialize()
-    assert wf.check_properties() == []
-    return wf
 
 
-def run(wf: ConfigWorkflow):
-    result = wf.run()
-    wf.finalize()
-    return result
 
 
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
-def error_text(err: BaseException | None) -> str:
-    """The message of an error and of everything it was raised from (MONAI wraps config-evaluation errors)."""
-    parts = []
-    while err is not None:
-        parts.append(str(err))
-        err = err.__cause__ or err.__context__
-    return " | ".join(parts)
 
 
 def params_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -128,13 +113,6 @@ def assert_predictions(csv_path: Path, ids: list[str], class_names: list[str]) -
     return rows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 shared cores two threads make these tiny steps several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------- demo runs

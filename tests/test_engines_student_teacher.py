@@ -15,14 +15,9 @@ from torch.utils.data import DataLoader
 from common.engines.student_teacher import StudentTeacherTrainer, _at, prepare_views
 from common.networks.dino_head import DINOHead, MultiCropWrapper
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads cost more than the arithmetic on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 class ViewsLinear(nn.Module):

@@ -17,6 +17,8 @@ from common.engines.supervised_budget import (
     supervised_budget_sweep,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 COLOURS = ((0.8, 0.1, 0.1), (0.1, 0.8, 0.1), (0.1, 0.1, 0.8))  # class 0 red, 1 green, 2 blue
 
 
@@ -31,15 +33,6 @@ def _write_items(folder, counts, rng):
             Image.fromarray((pixels * 255).astype(np.uint8)).save(path)
             items.append({"image": str(path), "label": label})
     return items
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: with a busy 2-core machine, intra-op threads cost ~20x more than the arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,13 @@
 """The collection's bundles served by MONAI Label 0.8.5, driven in-process (no server, no network).
 
-For every bundle under ``bundles/`` that has ``configs/inference.json``, MONAI Label's own tasks run on real
-frames of ``../shared/data``: ``BundleInferTask`` (checked against an independent re-computation and against the
-bundle's own ``inference.json`` run), ``BundleTrainTask`` on a ``LocalDatastore``, and the ``monaibundle`` sample
-app shipped inside the monailabel wheel, set up the documented offline way (``monailabel apps --download --name
-monaibundle``, the bundle linked into ``model/<name>``, ``zoo_source`` other than ``monaihosting``) with
-``EpistemicScoring``. Each bundle is copied to a temporary folder and shrunk by editing top-level ids in the copy's
-JSON (MONAI Label passes no overrides of ours), so nothing is written into the repository.
+For every bundle under ``bundles/`` that has ``configs/inference.json``, MONAI Label's own tasks run on real frames
+(2D) and volumes (3D) of ``../shared/data``: ``BundleInferTask`` (checked against an independent re-computation and
+against the bundle's own ``inference.json`` run), ``BundleTrainTask`` on a ``LocalDatastore``, and the
+``monaibundle`` sample app shipped inside the monailabel wheel, set up the documented offline way (``monailabel apps
+--download --name monaibundle``, the bundle linked into ``model/<name>``, ``zoo_source`` other than
+``monaihosting``) with ``EpistemicScoring``. Each bundle is copied to a temporary folder and shrunk by editing
+top-level ids in the copy's JSON (MONAI Label passes no overrides of ours), so nothing is written into the
+repository.
 
 MONAI Label is an optional extra::
 
@@ -33,10 +34,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import nibabel as nib
 from monai.bundle import ConfigParser, ConfigWorkflow
 from PIL import Image
 
-from conftest import REPO_ROOT, require_data
+from conftest import REPO_ROOT, error_text, require_data
 
 try:
     from monailabel.config import settings
@@ -74,7 +76,14 @@ class Case:
         pairs: ``data folder -> [(image, label), ...]`` real files in MONAI Label's image/label sense.
         saved_scale: factor between MONAI Label's mask values and those of the bundle's own saved masks.
         reference: ``(image, network, tiny inference ids) -> mask``, the bundle's computation written out
-            independently of MONAI, in numpy's ``(H, W)`` order.
+            independently of MONAI, in the array order of :attr:`read_mask` (2D: numpy's ``(H, W)``).
+        shape: ``image -> shape`` of its mask array (2D: ``(H, W)`` from PIL; 3D: the NIfTI ``(X, Y, Z)``).
+        read_mask: ``mask file -> array`` of a saved mask (2D: PIL, 3D: nibabel).
+        check_result: ``(MONAI Label's result file, image) -> None``: asserts its format, size (and affine).
+        result_extension: the ``result_extension`` requested from MONAI Label (lossless).
+        extensions: the ``LocalDatastore`` globs of the images and labels.
+        write_bad_label: writes a label of the wrong size at the given path, in the label format.
+        score_bounds: ``(low, high)``: MONAI Label's epistemic score must lie in ``(low, high]``.
     """
 
     tiny: dict[str, dict[str, Any]]
@@ -84,6 +93,53 @@ class Case:
     pairs: Callable[[Path], list[tuple[Path, Path]]]
     saved_scale: int
     reference: Callable[[Path, torch.nn.Module, dict[str, Any]], np.ndarray]
+    shape: Callable[[Path], tuple[int, ...]]
+    read_mask: Callable[[Path], np.ndarray]
+    check_result: Callable[[Path, Path], None]
+    result_extension: str
+    extensions: list[str]
+    write_bad_label: Callable[[Path], None]
+    score_bounds: tuple[float, float]
+
+
+# 2D: PIL images; MONAI Label's masks are PNG ("L"), the image's (width, height)
+def pil_shape(image: Path) -> tuple[int, ...]:
+    with Image.open(image) as src:
+        width, height = src.size
+    return height, width
+
+
+def pil_mask(mask: Path) -> np.ndarray:
+    with Image.open(mask) as saved:
+        return np.asarray(saved)
+
+
+def check_png_result(result: Path, image: Path) -> None:
+    with Image.open(result) as out, Image.open(image) as src:
+        assert (out.format, out.mode, out.size) == ("PNG", "L", src.size)
+
+
+def write_bad_png(path: Path) -> None:
+    Image.new("L", (10, 10)).save(path)
+
+
+# 3D: NIfTI volumes read with nibabel; MONAI Label's masks must keep the input's voxel grid and affine
+def nifti_shape(image: Path) -> tuple[int, ...]:
+    return tuple(nib.load(image).shape)
+
+
+def nifti_mask(mask: Path) -> np.ndarray:
+    return np.asarray(nib.load(mask).dataobj)
+
+
+def check_nifti_result(result: Path, image: Path) -> None:
+    out, src = nib.load(result), nib.load(image)
+    assert result.name.endswith(".nii.gz") and out.shape == src.shape
+    assert np.allclose(out.affine, src.affine, atol=1e-4), f"affine {out.affine} != input {src.affine}"
+
+
+def write_bad_nifti(path: Path) -> None:
+    nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), dtype=np.uint8), np.eye(4)), path)
 
 
 def kvasir_pairs(root: Path) -> list[tuple[Path, Path]]:
@@ -109,12 +165,70 @@ def polyp_reference_mask(image: Path, network: torch.nn.Module, ids: dict[str, A
     return (p >= 0.5).numpy().astype(np.uint8)
 
 
+def btcv_pairs(root: Path) -> list[tuple[Path, Path]]:
+    images = sorted((root / "imagesTr").glob("*.nii.gz"))
+    return [(image, root / "labelsTr" / image.name) for image in images]
+
+
+def dhc_reference_labels(image: Path, network: torch.nn.Module, ids: dict[str, Any]) -> np.ndarray:
+    """The DHC bundle's inference on a NIfTI volume read with nibabel, with no MONAI transform.
+
+    ``x`` = the voxel array ``(X, Y, Z)`` transposed to ``(Z, Y, X)``, resized to ``spatial_size`` (trilinear,
+    ``align_corners=False``), clipped to ``[a_min, a_max]`` and min-max scaled; windows of ``patch_size`` starting at
+    ``min(k s, S - p)`` per axis; per window ``softmax(network(window))`` (the mean logits of both branches), summed
+    and divided by the window count; arg-max; nearest-resized back to ``(Z, Y, X)`` and transposed to ``(X, Y, Z)``.
+    """
+    import itertools
+    import math
+
+    volume = torch.from_numpy(np.asarray(nib.load(image).dataobj, dtype=np.float32).transpose(2, 1, 0).copy())
+    x = F.interpolate(volume[None, None], size=tuple(ids["spatial_size"]), mode="trilinear", align_corners=False)
+    x = x.clamp(ids["a_min"], ids["a_max"])
+    x = (x - x.min()) / (x.max() - x.min())
+    patch, strides, size = ids["patch_size"], ids["strides"], x.shape[2:]
+    starts = [[min(k * s, n - p) for k in range(math.ceil((n - p) / s) + 1)] for n, p, s in zip(size, patch, strides)]
+    total, count = None, torch.zeros(size)
+    with torch.no_grad():
+        for z, y, w in itertools.product(*starts):
+            window = (slice(None), slice(None), slice(z, z + patch[0]), slice(y, y + patch[1]), slice(w, w + patch[2]))
+            probs = torch.softmax(network.eval()(x[window]), dim=1)
+            total = torch.zeros((1, probs.shape[1], *size)) if total is None else total
+            total[window] += probs
+            count[window[2:]] += 1
+    labels = (total / count).argmax(dim=1, keepdim=True).float()
+    labels = F.interpolate(labels, size=tuple(volume.shape), mode="nearest")[0, 0]
+    return labels.numpy().astype(np.uint8).transpose(2, 1, 0)
+
+
+DHC_TINY = {"n_filters": 4, "num_workers": 0, "spatial_size": [20, 40, 40], "patch_size": [16, 32, 32],
+            "strides": [4, 8, 8], "a_min": 0.0, "a_max": 255.0}
+
+
 POLYP_TINY = {"backbone": "pvt_v2_b0", "image_size": 64, "num_workers": 0}
 CASES = {
     "endoked_polyp_segmentation": Case(
         tiny={"inference.json": POLYP_TINY, "train.json": {**POLYP_TINY, "scales": [1.0], "progress_bar": False}},
         labels={"polyp": 1}, dimension=2, data="polyp", pairs=kvasir_pairs, saved_scale=255,
-        reference=polyp_reference_mask,
+        reference=polyp_reference_mask, shape=pil_shape, read_mask=pil_mask, check_result=check_png_result,
+        result_extension=".png", extensions=["*.jpg", "*.png"], write_bad_label=write_bad_png,
+        # per pixel -p ln p of the mean of the binary masks, where MONAI Label lifts 0 to 5e-5: runs that all
+        # agree give at most 5e-5 * ln(2e4) = 5e-5 * 9.90 = 4.95e-4, so more means the dropout runs disagreed;
+        # -p ln p is at most 1/e = 0.368 (at p = 1/e)
+        score_bounds=(4.95e-4, 0.368),
+    ),
+    "dhc_abdomen_ct_segmentation": Case(
+        tiny={"inference.json": DHC_TINY, "train.json": {**DHC_TINY, "progress_bar": False}},
+        labels={name: value for value, name in enumerate(
+            ["spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver", "stomach", "aorta",
+             "inferior vena cava", "portal vein and splenic vein", "pancreas", "right adrenal gland",
+             "left adrenal gland"], start=1)},
+        dimension=3, data="btcv_ct", pairs=btcv_pairs, saved_scale=1, reference=dhc_reference_labels,
+        shape=nifti_shape, read_mask=nifti_mask, check_result=check_nifti_result, result_extension=".nii.gz",
+        extensions=["*.nii.gz"], write_bad_label=write_bad_nifti,
+        # MONAI Label 0.8.5's EpistemicScoring treats the single-channel 0..13 label map as a probability p (the
+        # mean label over the runs, 0 lifted to 5e-5) and averages -p ln p: on [5e-5, 13] that lies between
+        # -13 ln 13 = -13 * 2.565 = -33.34 (exclusive: not every voxel can be 13) and 1/e = 0.368
+        score_bounds=(-33.35, 0.368),
     ),
 }
 
@@ -147,10 +261,10 @@ def fetching(*args: Any, **kwargs: Any) -> None:
     raise AssertionError(f"MONAI Label tried to fetch from the model zoo: {args} {kwargs}")
 
 
-def serve_copy(name: str, case: Case, dest: Path) -> Served:
+def serve_copy(name: str, tiny: dict[str, dict[str, Any]], dest: Path) -> Served:
     """Copy the bundle (without its runtime outputs) to ``dest``, shrink it, and save random-init weights."""
     shutil.copytree(REPO_ROOT / "bundles" / name, dest, ignore=RUNTIME_OUTPUTS)
-    for config, ids in case.tiny.items():
+    for config, ids in tiny.items():
         path = dest / "configs" / config
         content = json.loads(path.read_text())
         assert set(ids) <= set(content), f"{config} lacks ids {sorted(set(ids) - set(content))}"
@@ -175,7 +289,7 @@ def studies(folder: Path, pairs: list[tuple[Path, Path]], labelled: bool) -> Pat
     return folder
 
 
-def bundle_inference(root: Path, image: Path, out: Path) -> np.ndarray:
+def bundle_inference(root: Path, image: Path, out: Path, read_mask: Callable[[Path], np.ndarray]) -> np.ndarray:
     """The bundle's own ``inference.json`` run on a folder holding ``image``; the single mask it writes."""
     (out / "in" / "images").mkdir(parents=True)
     shutil.copy(image, out / "in" / "images")
@@ -187,56 +301,51 @@ def bundle_inference(root: Path, image: Path, out: Path) -> np.ndarray:
     wf.run()
     wf.finalize()
     (mask,) = [p for p in (out / "pred").rglob("*") if p.is_file()]
-    with Image.open(mask) as saved:
-        return np.asarray(saved)
+    return read_mask(mask)
 
 
-def error_text(err: BaseException | None) -> str:
-    """The message of an error and of everything it was raised from (MONAI wraps transform errors)."""
-    parts = []
-    while err is not None:
-        parts.append(str(err))
-        err = err.__cause__ or err.__context__
-    return " | ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------- tests
 def test_infer_task_matches_the_bundle_and_the_image(case, pairs, tmp_path):
-    """BundleInferTask on a real, non-square frame: MONAI Label swaps LoadImaged for its LoadImageTensord and
-    appends Restored and its writer; the mask must still be the bundle's own, pixel for pixel, at native size."""
+    """BundleInferTask on a real, non-square frame (or non-cubic volume): MONAI Label swaps LoadImaged for its
+    LoadImageTensord and appends Restored and its writer; the mask must still be the bundle's own, pixel (voxel) for
+    pixel, at native size (and, in 3D, on the input's affine)."""
     name, spec = case
-    served = serve_copy(name, spec, tmp_path / name)
+    served = serve_copy(name, spec.tiny, tmp_path / name)
     task = BundleInferTask(str(served.root), conf={"preload": "false"})
     assert task.is_valid()
     assert (task.type, task.dimension, task.labels) == ("segmentation", spec.dimension, spec.labels)
 
     image = pairs[0][0]
-    with Image.open(image) as src:
-        width, height = src.size
-    assert width != height  # a transposed mask would show as a wrong size
+    shape = spec.shape(image)
+    assert len(set(shape)) > 1  # 2D: width != height (3D: X != Z); a transposed mask would show as a wrong size
     # no result_dtype: the bundle casts to uint8 itself; result_extension because a JPEG mask would be lossy
-    mask_file, result = task({"image": str(image), "device": "cpu", "result_extension": ".png"})
+    mask_file, result = task({"image": str(image), "device": "cpu", "result_extension": spec.result_extension})
     assert result["label_names"] == spec.labels
-    with Image.open(mask_file) as out:
-        assert (out.format, out.mode, out.size) == ("PNG", "L", (width, height))
-        mask = np.asarray(out)
+    spec.check_result(Path(mask_file), image)  # 2D: PNG, "L", the image's size; 3D: the input's shape and affine
+    mask = spec.read_mask(Path(mask_file))
     Path(mask_file).unlink()  # MONAI Label leaves its results in the system temp folder
-    assert mask.dtype == np.uint8 and set(np.unique(mask).tolist()) == {0, 1}  # both classes: not a constant mask
+    values = set(np.unique(mask).tolist())
+    # 2D: a subset of {0, 1} with 2 values, i.e. exactly {0, 1}; 3D: at least 2 of 0..13: not a constant mask
+    assert mask.shape == shape and mask.dtype == np.uint8
+    assert values <= {0, *spec.labels.values()} and len(values) >= 2
 
     reference = spec.reference(image, served.network, spec.tiny["inference.json"])
-    assert reference.shape == (height, width)
-    # a few pixels with p within rounding of 0.5 may differ; a flip or an axis swap disagrees on a large part
+    assert reference.shape == shape
+    # a few pixels with p within rounding of 0.5 (3D: near-ties of the arg-max) may differ; a flip or an axis swap
+    # disagrees on a large part
     assert np.mean(mask == reference) > 0.999
-    own = bundle_inference(served.root, image, tmp_path / "own")
+    own = bundle_inference(served.root, image, tmp_path / "own", spec.read_mask)
     assert np.array_equal(own, mask * spec.saved_scale)
 
 
 def test_train_task_trains_on_the_datastore(case, pairs, tmp_path):
     """BundleTrainTask: MONAI Label's own train/validation lists of {"image", "label"} dicts and max_epochs."""
     name, spec = case
-    served = serve_copy(name, spec, tmp_path / name)
+    served = serve_copy(name, spec.tiny, tmp_path / name)
     datastore = LocalDatastore(str(studies(tmp_path / "studies", pairs[:5], labelled=True)),
-                               extensions=["*.jpg", "*.png"], auto_reload=False)
+                               extensions=spec.extensions, auto_reload=False)
     assert len(datastore.datalist()) == 5
     model = served.root / "models" / "model.pt"
     before = torch.load(model, weights_only=True)
@@ -254,13 +363,14 @@ def test_train_task_trains_on_the_datastore(case, pairs, tmp_path):
 
 
 def test_train_task_names_a_bad_label(case, pairs, tmp_path):
-    """MONAI Label's lists go through the bundle's pair checks: a wrong-sized label is named in the error."""
+    """MONAI Label's lists go through the bundle's pair checks: a wrong-sized (wrong-shape) label is named in the
+    error."""
     name, spec = case
-    served = serve_copy(name, spec, tmp_path / name)
+    served = serve_copy(name, spec.tiny, tmp_path / name)
     folder = studies(tmp_path / "studies", pairs[:5], labelled=True)
     bad = next((folder / "labels" / "final").iterdir())
-    Image.new("L", (10, 10)).save(bad)
-    datastore = LocalDatastore(str(folder), extensions=["*.jpg", "*.png"], auto_reload=False)
+    spec.write_bad_label(bad)
+    datastore = LocalDatastore(str(folder), extensions=spec.extensions, auto_reload=False)
     with pytest.raises(Exception) as info:
         BundleTrainTask(str(served.root), conf={})(
             {"model": name, "max_epochs": 1, "device": "cpu", "multi_gpu": False, "val_split": 0.4}, datastore)
@@ -271,7 +381,7 @@ def test_sample_app_serves_offline_and_scores(case, pairs, tmp_path, monkeypatch
     """The monaibundle sample app from the wheel, as `monailabel start_server` builds it, with no network:
     zoo_source github and the bundle linked into model/<name>; then inference by image id and epistemic scoring."""
     name, spec = case
-    served = serve_copy(name, spec, tmp_path / name)
+    served = serve_copy(name, spec.tiny, tmp_path / name)
     copied = subprocess.run([sys.executable, "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle",
                              "--output", str(tmp_path / "apps")], capture_output=True, text=True, timeout=120)
     assert copied.returncode == 0, copied.stdout[-2000:] + copied.stderr[-2000:]
@@ -294,19 +404,18 @@ def test_sample_app_serves_offline_and_scores(case, pairs, tmp_path, monkeypatch
     assert info["models"][name]["labels"] == spec.labels and info["models"][name]["dimension"] == spec.dimension
     assert name in info["trainers"] and name in info["scoring"]
     image = pairs[0][0]
-    result = app.infer({"model": name, "image": image.stem, "device": "cpu", "result_extension": ".png"})
-    with Image.open(result["file"]) as out, Image.open(image) as src:
-        assert (out.format, out.size) == ("PNG", src.size)
+    store = app.datastore()
+    (image_id,) = [i for i in store.list_images() if Path(store.get_image_uri(i)).name == image.name]
+    result = app.infer({"model": name, "image": image_id, "device": "cpu", "result_extension": spec.result_extension})
+    spec.check_result(Path(result["file"]), image)
     Path(result["file"]).unlink()
 
     summary = app.scoring({"method": name, "device": "cpu", "max_workers": 1})
     assert (summary["total"], summary["executed"]) == (2, 1)
     scores = [app.datastore().get_image_info(i).get("epistemic_entropy") for i in app.datastore().list_images()]
     (score,) = [s for s in scores if s is not None]
-    # per pixel -p ln p of the mean of the binary masks, where MONAI Label lifts 0 to 5e-5: runs that all agree
-    # give at most 5e-5 * ln(2e4) = 5e-5 * 9.90 = 4.95e-4, so more means the dropout runs disagreed;
-    # -p ln p is at most 1/e = 0.368 (at p = 1/e)
-    assert 4.95e-4 < score <= 0.368
+    low, high = spec.score_bounds  # worked out in CASES
+    assert low < score <= high
 
 
 
@@ -366,8 +475,7 @@ def classification_case(request) -> tuple[str, ClassificationCase]:
 
 def serve_classifier(name: str, spec: ClassificationCase, dataset: Path, dest: Path) -> Path:
     """A shrunk copy with random-init backbone weights and the classifier its own evaluation fits on ``dataset``."""
-    served = serve_copy(name, Case(tiny=spec.tiny, labels={}, dimension=2, data=spec.data, pairs=lambda _: [],
-                                   saved_scale=1, reference=lambda *_: np.zeros(0)), dest)
+    served = serve_copy(name, spec.tiny, dest)
     wf = ConfigWorkflow(config_file=str(served.root / "configs" / "evaluate.json"),
                         meta_file=str(served.root / "configs" / "metadata.json"), logging_file=False,
                         workflow_type="infer", bundle_root=str(served.root), dataset_dir=str(dataset))

@@ -1,7 +1,8 @@
 """Ignite handlers: training-state checkpoints and evaluation reports."""
 
-from . import class_probability_writer, label_budget_report, polyp_report, training_state
+from . import class_probability_writer, label_budget_report, organ_report, polyp_report, training_state
 from .class_probability_writer import ClassProbabilityWriter
 from .label_budget_report import LabelBudgetReport
+from .organ_report import OrganEvaluationReport
 from .polyp_report import PolypEvaluationReport
 from .training_state import TrainingStateCheckpoint, latest_training_state

@@ -6,4 +6,4 @@ from .polyp_pvt import PolypPVT
 from .pvt_v2 import PyramidVisionTransformerV2, pvt_v2_b0, pvt_v2_b1, pvt_v2_b2, pvt_v2_b3, pvt_v2_b4, pvt_v2_b5
 from .timm_backbone import create_backbone
 from .unetpp import UNetPlusPlus
-from .vnet import VNet
+from .vnet import DualVNet, VNet

@@ -1,4 +1,5 @@
-"""The UA-MT-style 3D VNet used by both branches of DHC, with its initialisers and checkpoint loader.
+"""The UA-MT-style 3D VNet used by both branches of DHC, the two-branch :class:`DualVNet`, the initialisers and
+the checkpoint loader.
 
 Yu et al., "Uncertainty-aware Self-ensembling Model for Semi-supervised 3D Left Atrium Segmentation",
 MICCAI 2019 (the VNet variant); used unchanged by Wang & Li, "DHC: Dual-debiased Heterogeneous Co-training
@@ -28,6 +29,7 @@ __all__ = [
     "DownsamplingConvBlock",
     "UpsamplingDeconvBlock",
     "VNet",
+    "DualVNet",
     "kaiming_normal_init_",
     "xavier_normal_init_",
     "load_dhc_checkpoint",
@@ -257,6 +259,51 @@ def xavier_normal_init_(module: nn.Module) -> nn.Module:
             m.weight.fill_(1.0)
             m.bias.zero_()
     return module
+
+
+class DualVNet(nn.Module):
+    """Both branches of a co-training pair in one module; ``forward`` is the ensemble of their logits.
+
+    ``forward(x) = (z_A + z_B) / 2`` (``branches="AB"``, DHC's ``--cps AB`` test) or one branch's logits
+    (``"A"``: the UA-MT student). ``[B, in_channels, D, H, W] -> [B, out_channels, D, H, W]``, D, H, W divisible
+    by 16. Its ``state_dict`` holds ``branch_a.*`` and ``branch_b.*`` (one ``model.pt`` for both branches).
+
+    Args:
+        in_channels, out_channels, n_filters, normalization, has_dropout, dropout: those of :class:`VNet`, for
+            both branches.
+        init_b: ``"kaiming"`` (DHC, both branches) or ``"xavier"`` (branch B of CPS).
+        branches: which logits ``forward`` returns: ``"AB"`` (mean), ``"A"`` or ``"B"``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 14,
+        n_filters: int = 32,
+        normalization: str = "batchnorm",
+        has_dropout: bool = False,
+        dropout: float | None = None,
+        init_b: str = "kaiming",
+        branches: str = "AB",
+    ) -> None:
+        super().__init__()
+        if init_b not in ("kaiming", "xavier"):
+            raise ValueError(f"DualVNet: init_b must be 'kaiming' or 'xavier', got {init_b!r}")
+        if branches not in ("AB", "A", "B"):
+            raise ValueError(f"DualVNet: branches must be 'AB', 'A' or 'B', got {branches!r}")
+        self.branches = branches
+        self.branch_a = kaiming_normal_init_(VNet(in_channels, out_channels, n_filters, normalization, has_dropout,
+                                                  dropout))
+        branch_b = VNet(in_channels, out_channels, n_filters, normalization, has_dropout, dropout)
+        self.branch_b = kaiming_normal_init_(branch_b) if init_b == "kaiming" else xavier_normal_init_(branch_b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, C, D, H, W]``: the mean of the selected branches' logits."""
+        if self.branches == "A":
+            return self.branch_a(x)
+        if self.branches == "B":
+            return self.branch_b(x)
+        return (self.branch_a(x) + self.branch_b(x)) / 2.0
 
 
 def load_dhc_checkpoint(network: nn.Module, path: str | os.PathLike, branch: str = "A") -> nn.Module:
