@@ -245,3 +245,16 @@ def test_unknown_method(tmp_path):
                                                                          shape=(32, 32, 20)), method="mean_teacher",
                               labelled_percent=40)
     assert "unknown co-training method 'mean_teacher'" in text
+
+
+def test_native_resolution_switch_keeps_each_volume_grid(tmp_path):
+    """Paper-time default: every volume resized to spatial_size; --native_resolution True (the later DHC code)
+    keeps the volume's own grid, in (D, H, W) = the NIfTI's (x, y, z) reversed."""
+    resized = workflow(tmp_path, "train", ["train.json"], **TRAIN_TINY)
+    item = resized.parser.get_parsed_content("train#dataset#data")[0]
+    out = resized.parser.get_parsed_content("train#deterministic_transforms")(dict(item))
+    assert tuple(out["image"].shape) == (1, 20, 40, 40)  # the demo's spatial_size
+    native = workflow(tmp_path, "train", ["train.json"], native_resolution=True, **TRAIN_TINY)
+    out = native.parser.get_parsed_content("train#deterministic_transforms")(dict(item))
+    x, y, z = nib.load(item["image"]).shape
+    assert tuple(out["image"].shape) == (1, z, y, x) and tuple(out["label"].shape) == (1, z, y, x)
