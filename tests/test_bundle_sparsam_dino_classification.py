@@ -62,17 +62,9 @@ run = run_workflow
 
 # ----------------------------------------------------------------------------------------------- helpers
 def bundle_copy(dest: Path) -> Path:
-    """The bundle's configs and embedded demo copied to ``dest`` (without the outputs of earlier runs)."""
-    shutil.copytree(BUNDLE, dest, ignore=shutil.ignore_patterns("models", "eval", "docs"))
+    """The bundle's configs copied to ``dest`` (without data or outputs of earlier runs: the demo is generated)."""
+    shutil.copytree(BUNDLE, dest, ignore=shutil.ignore_patterns("data", "models", "eval", "docs"))
     return dest
-
-
-
-
-
-
-
-
 
 
 def params_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -246,7 +238,9 @@ def test_evaluate_sweeps_label_budgets_and_saves_the_classifier(evaluated):
 
 def test_inference_writes_class_probabilities(evaluated):
     root = evaluated.root
-    run(workflow(root, "infer", ["inference.json"], **TINY))
+    wf = workflow(root, "infer", ["inference.json"], **TINY)
+    run(wf)
+    demo = Path(wf.parser.get_parsed_content("dataset_dir"))
     ids = [f"{i:04d}" for i in range(72)]  # every demo image, labelled (64) or not (8)
     rows = assert_predictions(root / "eval" / "predictions" / "predictions.csv", ids, DEMO_CLASSES)
     assert not list((root / "eval" / "predictions").glob(".*.tmp"))
@@ -258,7 +252,7 @@ def test_inference_writes_class_probabilities(evaluated):
     classifier = load_classifier(root / "models" / "classifier.skops")
     transform = EvalTransformd(keys="image", image_resolution=32)
     for row in rows[:3]:
-        image = transform({"image": str(root / "data" / "demo" / "images" / f"{row['id']}.png")})["image"]
+        image = transform({"image": str(demo / "images" / f"{row['id']}.png")})["image"]
         with torch.no_grad():
             features = backbone(torch.as_tensor(image)[None]).numpy()
         np.testing.assert_allclose([float(row[c]) for c in DEMO_CLASSES], classifier.predict_proba(features)[0],
