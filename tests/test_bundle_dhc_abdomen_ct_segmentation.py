@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
@@ -17,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
-from monai.bundle import ConfigWorkflow
 
 from common.data.demo_volumes import make_demo_volume_dataset
 from common.handlers.training_state import latest_training_state
@@ -33,20 +33,10 @@ TRAIN_TINY = {**TINY, "progress_bar": False}
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
-def workflow(bundle_root: Path, kind: str | None, configs: list[str], **override) -> ConfigWorkflow:
-    """:func:`conftest.bundle_workflow` of this bundle's configs (CONFIGS)."""
-    return bundle_workflow(CONFIGS, bundle_root, kind, configs, **override)
+workflow = partial(bundle_workflow, CONFIGS)  # (bundle_root, kind, configs, **override) -> initialised workflow
 
 
 run = run_workflow
-
-
-
-
-
-
-
-
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,18 +32,10 @@ TINY = {"backbone": "pvt_v2_b0", "image_size": 64, "batch_size": 4, "num_workers
 pytestmark = pytest.mark.slow
 
 
-def workflow(bundle_root: Path, kind: str | None, configs: list[str], **override) -> ConfigWorkflow:
-    """:func:`conftest.bundle_workflow` of this bundle's configs (CONFIGS)."""
-    return bundle_workflow(CONFIGS, bundle_root, kind, configs, **override)
+workflow = partial(bundle_workflow, CONFIGS)  # (bundle_root, kind, configs, **override) -> initialised workflow
 
 
 run = run_workflow
-
-
-
-
-
-
 
 
 @pytest.fixture(scope="module")

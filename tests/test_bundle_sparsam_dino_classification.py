@@ -105,8 +105,6 @@ def assert_predictions(csv_path: Path, ids: list[str], class_names: list[str]) -
     return rows
 
 
-
-
 # ----------------------------------------------------------------------------------------------- demo runs
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, one_thread) -> SimpleNamespace:

@@ -29,8 +29,6 @@ C = 4
 PATCH = (16, 16, 32)  # bottleneck 1x1x2: BatchNorm in train mode needs > 1 value per channel
 
 
-
-
 def loaders(n_labelled: int = 2, n_unlabelled: int = 5) -> tuple[DataLoader, DataLoader]:
     """Labelled images are constant 100 + i (> 0), unlabelled ones constant -(1 + j) (< 0)."""
     gen = torch.Generator().manual_seed(0)

@@ -18,8 +18,6 @@ from common.networks.dino_head import DINOHead, MultiCropWrapper
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
-
 class ViewsLinear(nn.Module):
     """``y = cat(views) @ w^T + b`` with ``w [1, 2]`` and ``b [1]``; records the views of every call."""
 

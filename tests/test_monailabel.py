@@ -304,8 +304,6 @@ def bundle_inference(root: Path, image: Path, out: Path, read_mask: Callable[[Pa
     return read_mask(mask)
 
 
-
-
 # ----------------------------------------------------------------------------------------------- tests
 def test_infer_task_matches_the_bundle_and_the_image(case, pairs, tmp_path):
     """BundleInferTask on a real, non-square frame (or non-cubic volume): MONAI Label swaps LoadImaged for its
@@ -416,7 +414,6 @@ def test_sample_app_serves_offline_and_scores(case, pairs, tmp_path, monkeypatch
     (score,) = [s for s in scores if s is not None]
     low, high = spec.score_bounds  # worked out in CASES
     assert low < score <= high
-
 
 
 # ----------------------------------------------------------------------------------------------- classification
