@@ -44,15 +44,15 @@ import csv
 import logging
 import os
 import shutil
-import tempfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import fire
 
 from common.data.classification_folders import IMAGE_EXTENSIONS
+from common.utils.files import staged_folder, write_csv
 
 logger = logging.getLogger("convert_classification")
 
@@ -170,13 +170,6 @@ def _place(src: Path, dst: Path, symlink: bool) -> None:
         shutil.copy2(src, dst)
 
 
-def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
 def write_dataset(
     out: str | os.PathLike,
     sources: Sequence[Source],
@@ -209,25 +202,17 @@ def write_dataset(
     if unknown:
         raise ValueError(f"class name(s) {unknown} are not among the classes {list(classes)}.")
     split_ids = read_sparsam_splits(splits, sources) if splits is not None else {}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:  # published only when complete
         (tmp / "images").mkdir()
         for source in sources:
             _place(source.path, tmp / "images" / f"{source.id}{source.path.suffix}", symlink)
         labelled = sorted((s for s in sources if s.class_name is not None), key=lambda s: s.id)
-        _write_csv(tmp / "labels.csv", ("id", "class_id", "class_name"),
+        write_csv(tmp / "labels.csv", ("id", "class_id", "class_name"),
                    ((s.id, class_id[s.class_name], s.class_name) for s in labelled))
         if split_ids:
             (tmp / "splits").mkdir()
             for role, ids in split_ids.items():
-                _write_csv(tmp / "splits" / f"{role}.csv", ("id",), ([i] for i in ids))
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                write_csv(tmp / "splits" / f"{role}.csv", ("id",), ([i] for i in ids))
     counts = Counter(s.class_name for s in labelled)
     logger.info("%s: %d labelled image(s) in %d class(es) (%s), %d unlabelled%s", out, len(labelled), len(counts),
                 ", ".join(f"{c} {counts[c]}" for c in classes if counts[c]), len(sources) - len(labelled),

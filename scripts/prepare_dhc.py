@@ -33,8 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,6 +48,7 @@ from common.data.volume_folders import (
     write_dhc_splits,
 )
 from common.transforms.dhc_preprocessing import DHC_SPATIAL_SIZE, DHC_WINDOW, dhc_preprocessing
+from common.utils.files import staged_folder
 
 __all__ = ["LAYOUTS", "detect_layout", "prepare"]
 
@@ -170,9 +169,7 @@ def prepare(
                 len(first["train"]), len(first["eval"]), len(first["test"]) + len(fixed_test))
     preprocess = dhc_preprocessing(source="nifti", a_min=a_min, a_max=a_max, spatial_size=spatial_size,
                                    normalise=normalise, label_dtype=np.uint8)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    with staged_folder(target) as tmp:  # published only when complete
         (tmp / "npy").mkdir()
         for case in tqdm(cases + fixed_test, desc="prepare_dhc", unit="case"):
             out = preprocess(case)
@@ -193,12 +190,6 @@ def prepare(
                        "test": len(first["test"]) + len(fixed_test)},
         }
         (tmp / "prepare_dhc.json").write_text(json.dumps(record, indent=2) + "\n")
-        if target.exists():
-            target.rmdir()  # empty (checked above)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("wrote %s", target)
     return str(target)
 

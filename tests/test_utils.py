@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from common.utils.figures import GT_COLOUR, PRED_COLOUR, save_overlay
-from common.utils.files import publish_folder
+from common.utils.files import publish_folder, staged_folder
 
 
 def test_publish_replaces_the_previous_output_whole(tmp_path):
@@ -19,6 +19,19 @@ def test_publish_replaces_the_previous_output_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or backup folder left
     with pytest.raises(FileNotFoundError, match="nothing to publish"):
         publish_folder(staging, target)
+
+
+def test_staged_folder_publishes_only_a_completed_block(tmp_path):
+    out = tmp_path / "out"
+    with staged_folder(out) as tmp:
+        assert tmp.parent == tmp_path and not out.exists()  # nothing under the final name while writing
+        (tmp / "a.txt").write_text("1")
+    assert (out / "a.txt").read_text() == "1"
+    with pytest.raises(RuntimeError), staged_folder(out) as tmp:
+        (tmp / "b.txt").write_text("2")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]  # the previous output, untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # and no staging folder left behind
 
 
 def test_overlay_draws_ground_truth_green_and_prediction_red(tmp_path):

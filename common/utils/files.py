@@ -6,11 +6,13 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["discard_folder", "publish_folder", "write_csv"]
+__all__ = ["discard_folder", "publish_folder", "staged_folder", "write_csv"]
 
 
 def discard_folder(folder: str | os.PathLike) -> None:
@@ -37,6 +39,24 @@ def publish_folder(staging: str | os.PathLike, target: str | os.PathLike) -> Pat
     os.replace(staging, target)
     discard_folder(previous)
     return target
+
+
+@contextmanager
+def staged_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """A new, empty staging folder beside ``target``; published as ``target`` (:func:`publish_folder`) when the
+    ``with`` block completes, removed when it raises, so ``target`` never holds a half-written result::
+
+        with staged_folder(out) as tmp:
+            write_everything_into(tmp)
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        yield tmp
+        publish_folder(tmp, target)
+    finally:
+        discard_folder(tmp)
 
 
 def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[Mapping[str, Any] | Sequence[Any]]) -> Path:
