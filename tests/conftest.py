@@ -8,7 +8,10 @@ absence is a failure.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
+import sys
+from types import ModuleType
 from pathlib import Path
 
 import pytest
@@ -83,3 +86,12 @@ def error_text(err: BaseException | None) -> str:
         parts.append(str(err))
         err = err.__cause__ or err.__context__
     return " | ".join(parts)
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` imported as a module (the scripts folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

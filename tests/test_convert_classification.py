@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,18 +10,10 @@ import pytest
 from PIL import Image
 
 from common.data.classification_folders import classification_datalist, dataset_splits, read_labels
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_script
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-convert = _script("convert_classification")
+convert = load_script("convert_classification")
 
 
 def write_image(path: Path, value: int = 100) -> Path:

@@ -289,6 +289,27 @@ def studies(folder: Path, pairs: list[tuple[Path, Path]], labelled: bool) -> Pat
     return folder
 
 
+def sample_app(name: str, root: Path, studies_dir: Path, tmp_path: Path, monkeypatch, conf: dict[str, str]) -> Any:
+    """The monaibundle sample app from the wheel, as `monailabel start_server` builds it, with no network: the app
+    copied with `monailabel apps --download`, the bundle at ``root`` linked into model/<name>, zoo_source github,
+    and any zoo download or listing failing the test; ``conf`` adds to the app's configuration."""
+    copied = subprocess.run([sys.executable, "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle",
+                             "--output", str(tmp_path / "apps")], capture_output=True, text=True, timeout=120)
+    assert copied.returncode == 0, copied.stdout[-2000:] + copied.stderr[-2000:]
+    app_dir = tmp_path / "apps" / "monaibundle"
+    (app_dir / "model").mkdir(exist_ok=True)
+    (app_dir / "model" / name).symlink_to(root, target_is_directory=True)
+    monkeypatch.setattr(settings, "MONAI_LABEL_SESSIONS", False)  # no session folder in the home directory
+    monkeypatch.setattr(settings, "MONAI_LABEL_DATASTORE_AUTO_RELOAD", False)  # no file-watcher thread
+    monkeypatch.setattr(generic, "download", fetching)  # a bundle download or zoo listing would fail the test
+    monkeypatch.setattr(generic, "get_all_bundles_list", fetching)
+    loader = importlib.util.spec_from_file_location("monaibundle_app", app_dir / "main.py")
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    base = {"models": name, "zoo_source": "github", "sam2": "false", "preload": "false"}
+    return module.MyApp(str(app_dir), str(studies_dir), {**base, **conf})
+
+
 def bundle_inference(root: Path, image: Path, out: Path, read_mask: Callable[[Path], np.ndarray]) -> np.ndarray:
     """The bundle's own ``inference.json`` run on a folder holding ``image``; the single mask it writes."""
     (out / "in" / "images").mkdir(parents=True)
@@ -380,23 +401,9 @@ def test_sample_app_serves_offline_and_scores(case, pairs, tmp_path, monkeypatch
     zoo_source github and the bundle linked into model/<name>; then inference by image id and epistemic scoring."""
     name, spec = case
     served = serve_copy(name, spec.tiny, tmp_path / name)
-    copied = subprocess.run([sys.executable, "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle",
-                             "--output", str(tmp_path / "apps")], capture_output=True, text=True, timeout=120)
-    assert copied.returncode == 0, copied.stdout[-2000:] + copied.stderr[-2000:]
-    app_dir = tmp_path / "apps" / "monaibundle"
-    (app_dir / "model").mkdir(exist_ok=True)
-    (app_dir / "model" / name).symlink_to(served.root, target_is_directory=True)
-
-    monkeypatch.setattr(settings, "MONAI_LABEL_SESSIONS", False)  # no session folder in the home directory
-    monkeypatch.setattr(settings, "MONAI_LABEL_DATASTORE_AUTO_RELOAD", False)  # no file-watcher thread
-    monkeypatch.setattr(generic, "download", fetching)  # a bundle download or zoo listing would fail the test
-    monkeypatch.setattr(generic, "get_all_bundles_list", fetching)
-    loader = importlib.util.spec_from_file_location("monaibundle_app", app_dir / "main.py")
-    module = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(module)
-    conf = {"models": name, "zoo_source": "github", "sam2": "false", "preload": "false",
-            "epistemic_model": name, "epistemic_simulation_size": "2", "epistemic_max_samples": "1"}
-    app = module.MyApp(str(app_dir), str(studies(tmp_path / "studies", pairs[:2], labelled=False)), conf)
+    conf = {"epistemic_model": name, "epistemic_simulation_size": "2", "epistemic_max_samples": "1"}
+    app = sample_app(name, served.root, studies(tmp_path / "studies", pairs[:2], labelled=False), tmp_path, monkeypatch,
+                     conf)
 
     info = app.info()
     assert info["models"][name]["labels"] == spec.labels and info["models"][name]["dimension"] == spec.dimension
@@ -524,23 +531,9 @@ def test_classification_sample_app_serves_offline(classification_case, tmp_path,
     name, spec = classification_case
     dataset = spec.subset(require_data(spec.data), tmp_path / "data")
     root = serve_classifier(name, spec, dataset, tmp_path / name)
-    copied = subprocess.run([sys.executable, "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle",
-                             "--output", str(tmp_path / "apps")], capture_output=True, text=True, timeout=120)
-    assert copied.returncode == 0, copied.stdout[-2000:] + copied.stderr[-2000:]
-    app_dir = tmp_path / "apps" / "monaibundle"
-    (app_dir / "model").mkdir(exist_ok=True)
-    (app_dir / "model" / name).symlink_to(root, target_is_directory=True)
-
-    monkeypatch.setattr(settings, "MONAI_LABEL_SESSIONS", False)
-    monkeypatch.setattr(settings, "MONAI_LABEL_DATASTORE_AUTO_RELOAD", False)
-    monkeypatch.setattr(generic, "download", fetching)
-    monkeypatch.setattr(generic, "get_all_bundles_list", fetching)
-    loader = importlib.util.spec_from_file_location("monaibundle_app", app_dir / "main.py")
-    module = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(module)
     images = sorted((dataset / "images").iterdir())[:2]
-    conf = {"models": name, "zoo_source": "github", "sam2": "false", "preload": "false", "skip_trainers": "true"}
-    app = module.MyApp(str(app_dir), str(studies(tmp_path / "studies", [(i, i) for i in images], labelled=False)), conf)
+    app = sample_app(name, root, studies(tmp_path / "studies", [(i, i) for i in images], labelled=False), tmp_path,
+                     monkeypatch, {"skip_trainers": "true"})
 
     assert app.info()["models"][name]["type"] == "classification"
     result = app.infer({"model": name, "image": images[0].stem, "device": "cpu"})

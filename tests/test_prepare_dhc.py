@@ -4,7 +4,6 @@ Expected counts and values are worked out by hand; the arithmetic is in the comm
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,18 +12,11 @@ import numpy as np
 import pytest
 
 from common.data.volume_folders import dhc_datalists, dhc_npy_cases
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_script
 from test_data_volume_folders import make_msd, tiny_image, tiny_label, write_nifti
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-prepare_dhc = _script("prepare_dhc")
+prepare_dhc = load_script("prepare_dhc")
 
 
 def _ids(path) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
-import importlib.util
 import json
 import re
 import shutil
@@ -27,22 +26,15 @@ import torch
 from PIL import Image
 
 import common
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_script
 
 pytestmark = pytest.mark.slow
 
 BUNDLE = "endoked_polyp_segmentation"
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-package_bundles = _script("package_bundles")
-zoo = _script("zoo")
+package_bundles = load_script("package_bundles")
+zoo = load_script("zoo")
 
 
 def sha256(path: Path) -> str:

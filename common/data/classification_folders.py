@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.data.polyp_folders import IMAGE_EXTENSIONS  # read as images, case-insensitively; others ignored
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "LABEL_COLUMNS",
@@ -57,8 +59,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-"""File extensions (compared case-insensitively) read as images; other files in ``images/`` are ignored."""
 
 LABEL_COLUMNS: tuple[str, ...] = ("id", "class_id", "class_name")
 """Columns ``labels.csv`` must have."""
