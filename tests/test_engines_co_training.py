@@ -61,6 +61,16 @@ def test_repeated_sampler_repeats_the_labelled_set():
         RepeatedRandomSampler(0, 5)
 
 
+def test_repeated_sampler_set_epoch_replays_an_epoch():
+    """A new sampler told the epoch (a resumed run) gives the order the running one gave in that epoch."""
+    running = RepeatedRandomSampler(3, 30, seed=4)
+    orders = [list(running) for _ in range(3)]  # epochs 0, 1, 2: seeds 4, 5, 6
+    assert orders[1] != orders[2]  # a new shuffle every epoch (30 indices: equal orders are vanishingly unlikely)
+    resumed = RepeatedRandomSampler(3, 30, seed=4)
+    resumed.set_epoch(2)
+    assert list(resumed) == orders[2]
+
+
 def test_batches_are_labelled_first_and_epoch_has_ceil_u_over_2_iterations():
     engine = trainer("cps")
     seen = []

@@ -46,6 +46,7 @@ from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.inferers import SlidingWindowInferer
+from monai.utils import convert_to_tensor
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
@@ -54,6 +55,7 @@ from common.engines.sliding_window import DHC_STRIDES, monai_overlap
 from common.losses.debiased_weighting import DiffDW, DistDW, class_counts
 from common.losses.weighted_ce_dice import WeightedCEDiceLoss
 from common.utils.ramps import consistency_weight_in_epoch, lr_in_epoch, sigmoid_rampup
+from common.utils.distributed import broadcast_from_rank0, world_size
 from common.utils.schedules import ema_update
 
 __all__ = [
@@ -96,6 +98,11 @@ class RepeatedRandomSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """Shuffle of the 0-based epoch ``epoch`` next (``seed + epoch``), as ``DistributedSampler.set_epoch``: a
+        resumed run (which starts a new sampler) repeats the order of the uninterrupted one."""
+        self._epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self._epoch)
@@ -384,23 +391,22 @@ class CoTrainingTrainer(SupervisedTrainer):
         self.consistency = 0.0
         self._unlabelled: Iterator | None = None
         self.add_event_handler(Events.STARTED, self._broadcast_parameters)
+        self.add_event_handler(Events.ITERATION_COMPLETED, self._broadcast_buffers)
         self.add_event_handler(Events.EPOCH_STARTED, self._start_epoch)
-
-    @staticmethod
-    def _world_size() -> int:
-        dist = torch.distributed
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
     def _broadcast_parameters(self, engine: CoTrainingTrainer) -> None:
         """Multi-process runs: every rank starts from rank 0's parameters and buffers."""
-        if self._world_size() > 1:
-            for tensor in [*engine.network.parameters(), *engine.network.buffers()]:
-                torch.distributed.broadcast(tensor.data, src=0)
+        broadcast_from_rank0([*engine.network.parameters(), *engine.network.buffers()])
+
+    def _broadcast_buffers(self, engine: CoTrainingTrainer) -> None:
+        """Multi-process runs: after every step all ranks take rank 0's buffers (BatchNorm running statistics), as
+        DDP does with ``broadcast_buffers=True``, so that every rank validates and saves the same network."""
+        broadcast_from_rank0(engine.network.buffers())
 
     def _average_gradients(self) -> None:
         """Multi-process runs: average the gradients over the ranks before the steps (what DDP does, without
         wrapping the branches, so that ``state_dict`` keys stay ``branch_a.*``/``branch_b.*``)."""
-        world = self._world_size()
+        world = world_size()
         if world > 1:
             for param in self.network.parameters():
                 if param.grad is not None:
@@ -449,7 +455,10 @@ class CoTrainingTrainer(SupervisedTrainer):
         if image_l.shape[1:] != image_u.shape[1:]:
             raise ValueError(f"CoTrainingTrainer: labelled patches {tuple(image_l.shape)} and unlabelled patches "
                              f"{tuple(image_u.shape)} differ in shape")
-        image = torch.cat([image_l, image_u])
+        # plain tensors: a MetaTensor would route every network operation through its Python-level
+        # ``__torch_function__`` (the training step needs no metadata)
+        image = convert_to_tensor(torch.cat([image_l, image_u]), track_meta=False)
+        label = convert_to_tensor(label, track_meta=False)
         epoch = engine.state.epoch - 1
         net_a, net_b = engine.network.branch_a, engine.network.branch_b
         engine.network.train()

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
+from monai.utils import convert_to_tensor
 from monai.utils.enums import CommonKeys as Keys
 
 __all__ = ["MultiScaleTrainer", "rescaled_size"]
@@ -99,7 +100,9 @@ class MultiScaleTrainer(SupervisedTrainer):
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
-        inputs, targets = batch[0], batch[1]
+        # plain tensors: a MetaTensor would send every operation of the three passes through its Python-level
+        # ``__torch_function__`` (the training step needs no metadata)
+        inputs, targets = convert_to_tensor(batch[0], track_meta=False), convert_to_tensor(batch[1], track_meta=False)
         engine.network.train()
         reported: dict = {}
         for rate in self.scales:

@@ -22,11 +22,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
+from common.utils.distributed import broadcast_from_rank0
 from common.utils.schedules import ema_update
 
 __all__ = ["StudentTeacherTrainer", "prepare_views"]
@@ -104,6 +106,11 @@ class StudentTeacherTrainer(SupervisedTrainer):
         self.freeze_until_iteration = freeze_until_iteration
         self.frozen_names = tuple(frozen_names)
         self.channels_last = channels_last
+        # several processes: every rank starts from rank 0's teacher and, after each step, takes rank 0's BatchNorm
+        # statistics of student and teacher (DDP syncs the student's gradients, not the teacher's forward statistics)
+        self.add_event_handler(Events.STARTED, lambda _: broadcast_from_rank0(self.teacher.state_dict().values()))
+        self.add_event_handler(Events.ITERATION_COMPLETED, lambda _: broadcast_from_rank0(
+            [*self.network.buffers(), *self.teacher.buffers()]))
 
     def _apply_schedules(self, step: int) -> None:
         for i, group in enumerate(self.optimizer.param_groups):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from common.losses.weighted_ce_dice import hard_batch_dice
+from common.utils.distributed import all_reduce_sum
 
 __all__ = ["DiffDW", "DistDW", "class_counts", "distribution_weights"]
 
@@ -134,7 +135,7 @@ class DistDW(nn.Module):
         if logits.ndim < 3 or logits.shape[1] != self.num_classes:
             raise ValueError(f"DistDW: logits must be [B, {self.num_classes}, *spatial], got {tuple(logits.shape)}")
         counts = torch.bincount(logits.argmax(dim=1).reshape(-1), minlength=self.num_classes)
-        return self.update_counts(counts)
+        return self.update_counts(all_reduce_sum(counts))  # several ranks: the counts of the global batch
 
     def get_weights(self) -> torch.Tensor:
         """Current weights ``[C]`` (a detached copy)."""
@@ -212,7 +213,7 @@ class DiffDW(nn.Module):
         (``[B, 1, *spatial]`` or ``[B, *spatial]``); returns a copy of the new weights ``[C]``."""
         if logits.ndim < 3 or logits.shape[1] != self.num_classes:
             raise ValueError(f"DiffDW: logits must be [B, {self.num_classes}, *spatial], got {tuple(logits.shape)}")
-        return self.update_dice(hard_batch_dice(logits, target))
+        return self.update_dice(hard_batch_dice(logits, target, over_ranks=True))
 
     def get_weights(self) -> torch.Tensor:
         """Current weights ``[C]`` (a detached copy)."""

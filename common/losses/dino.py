@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.utils.distributed import all_reduce_sum
+
 __all__ = ["DINOLoss"]
 
 
@@ -26,8 +28,9 @@ class DINOLoss(nn.Module):
 
     with ``n_pairs = V_t * V_s - min(V_t, V_s)`` (12 for Sparsam's 2 global + 5 local views).
 
-    Centre: ``c <- m * c + (1 - m) * mean_{rows}(t)`` over all teacher rows of the batch (no all-reduce, as in
-    Sparsam). While ``c`` is all zero (fresh module), the current batch mean is used as the centre *and* stored
+    Centre: ``c <- m * c + (1 - m) * mean_{rows}(t)`` over all teacher rows of the batch; in a multi-process run
+    each rank keeps its own centre from its own rows (Sparsam, the default) or, with ``all_reduce_center``, the
+    mean is taken over the rows of every rank (original DINO), so that all ranks share one centre. While ``c`` is all zero (fresh module), the current batch mean is used as the centre *and* stored
     by the next update (Sparsam's initialisation; original DINO starts from ``c = 0``).
 
     Centre updates: :meth:`forward` calls :meth:`update_center` itself, after computing the loss and under
@@ -40,12 +43,14 @@ class DINOLoss(nn.Module):
         n_global_views: ``V_t``, number of teacher views (2).
         student_temp: ``tau_s`` (0.1).
         center_momentum: ``m`` (0.9).
+        all_reduce_center: average the batch centre over the ranks (DINO) instead of per rank (Sparsam).
     """
 
     center: torch.Tensor
 
     def __init__(
-        self, out_dim: int, n_global_views: int = 2, student_temp: float = 0.1, center_momentum: float = 0.9
+        self, out_dim: int, n_global_views: int = 2, student_temp: float = 0.1, center_momentum: float = 0.9,
+        all_reduce_center: bool = False,
     ) -> None:
         super().__init__()
         if out_dim < 1:
@@ -60,17 +65,27 @@ class DINOLoss(nn.Module):
         self.n_global_views = n_global_views
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        self.all_reduce_center = all_reduce_center
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def _check(self, name: str, out: torch.Tensor) -> None:
         if out.ndim != 2 or out.shape[1] != self.out_dim:
             raise ValueError(f"DINOLoss: {name} must have shape [rows, {self.out_dim}], got {tuple(out.shape)}")
 
+    def _batch_center(self, teacher_out: torch.Tensor) -> torch.Tensor:
+        """``mean_rows(teacher_out)`` ``[1, K]`` (float32, no gradient); with ``all_reduce_center`` in a
+        multi-process run, the mean over the rows of every rank (the global batch)."""
+        rows = teacher_out.detach().float()
+        if not self.all_reduce_center:
+            return rows.mean(dim=0, keepdim=True)
+        total = all_reduce_sum(torch.cat([rows.sum(dim=0, keepdim=True), rows.new_full((1, 1), rows.shape[0])], 1))
+        return total[:, :-1] / total[:, -1:]
+
     def _current_center(self, teacher_out: torch.Tensor) -> torch.Tensor:
         """The stored centre, or the batch mean ``[1, K]`` while the stored centre is all zero."""
         if torch.any(self.center != 0):
             return self.center
-        return teacher_out.mean(dim=0, keepdim=True)
+        return self._batch_center(teacher_out)
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         """
@@ -125,7 +140,7 @@ class DINOLoss(nn.Module):
             teacher_out: ``[rows, K]`` teacher logits (all views of the batch).
         """
         self._check("teacher_out", teacher_out)
-        batch_center = teacher_out.detach().float().mean(dim=0, keepdim=True)
+        batch_center = self._batch_center(teacher_out)
         if torch.any(self.center != 0):
             batch_center = self.center * self.center_momentum + batch_center * (1.0 - self.center_momentum)
         self.center.copy_(batch_center)

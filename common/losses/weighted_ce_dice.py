@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
+from common.utils.distributed import all_reduce_sum
+
 __all__ = ["WeightedCEDiceLoss", "batch_dice", "hard_batch_dice", "weighted_cross_entropy", "weighted_dice_loss"]
 
 logger = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ def _one_hot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torc
     return F.one_hot(labels, num_classes).movedim(-1, 1).to(dtype)
 
 
-def batch_dice(pred: torch.Tensor, target: torch.Tensor, smooth: float) -> torch.Tensor:
+def batch_dice(pred: torch.Tensor, target: torch.Tensor, smooth: float, over_ranks: bool = False) -> torch.Tensor:
     """Dice per class with the sums pooled over the batch and all voxels ("batch dice").
 
     ``D_c = (2 sum_{b,i} p_{b,c,i} g_{b,c,i} + s) / (sum_{b,i} p_{b,c,i} + sum_{b,i} g_{b,c,i} + s + 1e-8)``
@@ -74,6 +76,7 @@ def batch_dice(pred: torch.Tensor, target: torch.Tensor, smooth: float) -> torch
         pred: probabilities or one-hot prediction ``[B, C, *spatial]``.
         target: one-hot ground truth ``[B, C, *spatial]``.
         smooth: ``s`` (1 in DHC's loss, 1e-8 in DiffDW's hard Dice).
+        over_ranks: in a multi-process run, pool the sums over the ranks too (the global batch; no gradient).
 
     Returns:
         ``[C]`` Dice per class, background included.
@@ -82,12 +85,15 @@ def batch_dice(pred: torch.Tensor, target: torch.Tensor, smooth: float) -> torch
         raise ValueError(f"batch_dice: pred {tuple(pred.shape)} and target {tuple(target.shape)} must both be "
                          f"[B, C, *spatial]")
     dims = (0, *range(2, pred.ndim))
-    intersection = (pred * target).sum(dim=dims)
-    return (2.0 * intersection + smooth) / (pred.sum(dim=dims) + target.sum(dim=dims) + smooth + DICE_EPS)
+    intersection, total = (pred * target).sum(dim=dims), pred.sum(dim=dims) + target.sum(dim=dims)
+    if over_ranks:
+        intersection, total = all_reduce_sum(intersection), all_reduce_sum(total)
+    return (2.0 * intersection + smooth) / (total + smooth + DICE_EPS)
 
 
 @torch.no_grad()
-def hard_batch_dice(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-8) -> torch.Tensor:
+def hard_batch_dice(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-8,
+                    over_ranks: bool = False) -> torch.Tensor:
     """Hard Dice per class of ``argmax_c logits`` against ``target``, pooled over the batch, background included.
 
     With the default smoothing this is DiffDW's ``d = (2TP + 1e-8) / (2TP + FP + FN + 1e-8 + 1e-8)``
@@ -97,6 +103,7 @@ def hard_batch_dice(logits: torch.Tensor, target: torch.Tensor, smooth: float = 
         logits: ``[B, C, *spatial]``.
         target: class indices ``[B, 1, *spatial]`` or ``[B, *spatial]``.
         smooth: smoothing added to numerator and denominator.
+        over_ranks: in a multi-process run, pool over the ranks' batches (DiffDW: every rank gets the same Dice).
 
     Returns:
         ``[C]`` float32 Dice per class, detached.
@@ -104,7 +111,7 @@ def hard_batch_dice(logits: torch.Tensor, target: torch.Tensor, smooth: float = 
     num_classes = _check_logits(logits, "hard_batch_dice")
     labels = _label_map(target, logits, "hard_batch_dice")
     pred = _one_hot(logits.argmax(dim=1), num_classes, torch.float32)
-    return batch_dice(pred, _one_hot(labels, num_classes, torch.float32), smooth)
+    return batch_dice(pred, _one_hot(labels, num_classes, torch.float32), smooth, over_ranks)
 
 
 def weighted_cross_entropy(

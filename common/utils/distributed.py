@@ -1,0 +1,38 @@
+"""Reductions and broadcasts over the ranks of a ``torch.distributed`` run that are no-ops in a single process.
+
+State that every rank must agree on (DINO's teacher centre, DHC's class weights) is computed from global-batch
+statistics, as the original multi-GPU code does: each rank sums its part, the sums are all-reduced, then the
+ratio is formed. Outside a process group (one process, CPU tests) the tensors come back unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["world_size", "all_reduce_sum", "broadcast_from_rank0"]
+
+
+def world_size() -> int:
+    """Number of ranks of the initialised default process group, 1 without one."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``sum_r tensor_r`` over the ranks, as a new tensor (the input is left untouched); the input itself in a
+    single process."""
+    if world_size() == 1:
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def broadcast_from_rank0(tensors: Iterable[torch.Tensor]) -> None:
+    """Overwrite ``tensors`` in place with rank 0's values (parameters, BatchNorm statistics); nothing in a single
+    process."""
+    if world_size() > 1:
+        for tensor in tensors:
+            dist.broadcast(tensor.data, src=0)
