@@ -15,8 +15,10 @@ from pathlib import Path
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint, DiskSaver
+from ignite.handlers import Checkpoint
 from monai.handlers import CheckpointLoader
+
+from common.handlers.checkpoint_saver import AtomicDiskSaver
 
 __all__ = ["TrainingStateCheckpoint", "latest_training_state", "training_states"]
 
@@ -39,12 +41,19 @@ def latest_training_state(save_dir: str | Path, prefix: str = "training_state") 
 class TrainingStateCheckpoint:
     """Save ``{model, optimizer, ..., trainer}`` every ``save_interval`` epochs; optionally resume at start.
 
-    Files are written atomically (``<save_dir>/<prefix>_epoch=<n>.pt``, temporary file then rename); after each
+    Files are written atomically (``<save_dir>/<prefix>_epoch=<n>.pt``, :class:`~common.handlers.checkpoint_saver.
+    AtomicDiskSaver`: temporary file, fsync, rename; mode ``0o666 & ~umask``); after each
     save only the newest ``n_saved`` files of this run are kept (files of earlier runs in ``save_dir`` are removed
     then, not before, so a run that fails in its first epoch leaves them in place). With ``resume=True`` the newest
     file is loaded when the trainer starts (through MONAI's ``CheckpointLoader``, ``weights_only`` loading), so
     training continues at the next epoch up to the current ``max_epochs``; with no file yet, training starts from
-    scratch and says so.
+    scratch and says so. The engine's ``GradScaler`` (``engine.scaler``, which MONAI trainers create when the run
+    starts, under AMP) is saved and restored as ``"scaler"`` besides ``save_dict``.
+
+    For a resumed run to end with the same weights as an uninterrupted one, ``save_dict`` must hold every object
+    with training state (optimisers, schedulers, EMA teachers, loss buffers, the best-model saver's
+    bookkeeping: :class:`~common.handlers.checkpoint_saver.AtomicCheckpointSaver`), and the random generators must
+    be reseeded per epoch (:class:`~common.handlers.epoch_seed.EpochSeed`).
 
     Args:
         save_dir: folder of the state files (created when missing).
@@ -78,7 +87,7 @@ class TrainingStateCheckpoint:
 
     def attach(self, engine: Engine) -> None:
         objects = {**self.save_dict, "trainer": engine}
-        saver = DiskSaver(str(self.save_dir), require_empty=False, atomic=True, create_dir=True)
+        saver = AtomicDiskSaver(self.save_dir)
         checkpoint = Checkpoint(
             objects, saver, filename_prefix=self.prefix, n_saved=None,
             filename_pattern="{filename_prefix}_epoch={global_step}.{ext}",
@@ -97,6 +106,12 @@ class TrainingStateCheckpoint:
                 if path not in keep:
                     path.unlink(missing_ok=True)
 
+        def add_scaler(_: Engine) -> None:
+            """The scaler exists only once the run has started; the saver and the loader share ``objects``."""
+            if getattr(engine, "scaler", None) is not None:
+                objects["scaler"] = engine.scaler
+
+        engine.add_event_handler(Events.STARTED, add_scaler)  # before the CheckpointLoader's STARTED handler
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), checkpoint)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), prune)
         if not self.resume:

@@ -1,4 +1,4 @@
-"""Guard against command-line overrides that name no id of the bundle.
+"""Helpers of the bundle configs: a guard against command-line overrides that name no id, and the ``compile`` switch.
 
 ``python -m monai.bundle run --config_file ... --epoch 3`` silently *adds* a top-level id ``epoch`` next to the
 real ``epochs`` and trains for the default number of epochs (MONAI's ``ConfigParser.update`` creates missing
@@ -13,7 +13,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["check_cli_overrides", "cli_overrides"]
+from torch import nn
+
+__all__ = ["check_cli_overrides", "cli_overrides", "compiled"]
 
 # keyword arguments of monai.bundle.scripts.run itself: not config ids
 RUN_ARGUMENTS = {"config_file", "meta_file", "logging_file", "run_id", "init_id", "final_id", "tracking",
@@ -68,3 +70,32 @@ def check_cli_overrides(argv: Sequence[str] | None = None) -> None:
         close = difflib.get_close_matches(top, sorted(known), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise KeyError(f"override --{key} names no id of {', '.join(map(str, files))}{hint}")
+
+
+def compiled(module: nn.Module, enabled: bool = True, submodules: Sequence[str] = ()) -> nn.Module:
+    """``module`` itself, compiled in place with ``nn.Module.compile()`` when ``enabled`` (the bundles' ``compile`` id).
+
+    In-place compilation keeps the object, its parameters and its ``state_dict`` keys (no ``_orig_mod.`` prefix,
+    unlike ``torch.compile(module)``), so optimisers, EMA teachers and checkpoints are unaffected; the first forward
+    of each input shape pays the compilation. Shapes are static (``dynamic=False``): Polyp-PVT's three training
+    scales and DINO's two view sizes each get their own graph (with automatic dynamic shapes, inductor of torch
+    2.14.1 failed on the second Polyp-PVT scale on CPU: "cannot determine truth value of Relational").
+
+    Args:
+        module: the network.
+        enabled: compile (False returns ``module`` untouched).
+        submodules: names of child modules to compile instead of ``module`` itself, for engines that call the
+            children directly (the co-training branches ``branch_a``, ``branch_b``).
+
+    Returns:
+        ``module``.
+    """
+    if not enabled:
+        return module
+    for name in submodules:
+        child = getattr(module, name, None)
+        if not isinstance(child, nn.Module):
+            raise ValueError(f"compiled: {type(module).__name__} has no submodule {name!r} to compile")
+    for target in [getattr(module, name) for name in submodules] or [module]:
+        target.compile(dynamic=False)
+    return module
