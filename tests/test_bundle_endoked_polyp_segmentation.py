@@ -220,31 +220,6 @@ def test_real_polyps_loss_falls_and_every_test_set_scores(polyp_data, tmp_path):
             assert mask.size == src.size  # masks are written at native size
 
 
-def test_multi_gpu_config_trains_with_two_processes(tmp_path):
-    """multi_gpu_train.json through torchrun: two CPU processes (gloo) stand in for two GPUs (nccl)."""
-    import os
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-           "-m", "monai.bundle", "run", "--config_file",
-           f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']",
-           "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf"),
-           "--bundle_root", str(tmp_path), "--epochs", "2", "--image_size", "64", "--backbone", "pvt_v2_b0",
-           "--num_workers", "0", "--progress_bar", "False"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    if (result.returncode != 0 and "Signal 6 (SIGABRT)" in result.stderr
-            and "terminate called without an active exception" in result.stderr):
-        # Rarely (about 1 run in 30 on a loaded 2-core machine) a CPU rank aborts in torch's C++ teardown after
-        # its training has finished (seen once in CI before finalize got its barrier); run once more before judging.
-        result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    weights = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
-    assert "backbone.patch_embed1.proj.weight" in weights  # saved unwrapped from DistributedDataParallel
-    assert result.stdout.count("Epoch[2] Metrics -- train_loss") == 1  # epoch logs from rank 0 only
-
-
 def test_a_fresh_run_replaces_the_states_of_an_older_run(trained, tmp_path):
     """Without --resume, training in a folder holding an older run's states starts at epoch 1 and, once it has
     saved its own state, removes the older ones (so a later resume cannot pick a stale file)."""

@@ -31,6 +31,7 @@ from conftest import REPO_ROOT, load_script
 pytestmark = pytest.mark.slow
 
 BUNDLE = "endoked_polyp_segmentation"
+VERSION = json.loads((REPO_ROOT / "bundles" / BUNDLE / "configs" / "metadata.json").read_text())["version"]
 
 
 package_bundles = load_script("package_bundles")
@@ -105,10 +106,10 @@ def test_rebuild_is_byte_identical(bundles_dir, tmp_path):
         if path.is_file():
             path.chmod(0o600)
     second = package(bundles_dir, tmp_path / "b")
-    zip_name, wheel_name = f"{BUNDLE}_v0.1.0.zip", f"frugalzoo-{common.__version__}-py3-none-any.whl"
+    zip_name, wheel_name = f"{BUNDLE}_v{VERSION}.zip", f"frugalzoo-{common.__version__}-py3-none-any.whl"
     for name in (zip_name, wheel_name):
         assert sha256(tmp_path / "a" / name) == sha256(tmp_path / "b" / name)
-    key = f"{BUNDLE}_v0.1.0"
+    key = f"{BUNDLE}_v{VERSION}"
     assert first[key]["sha256"] == second[key]["sha256"] == sha256(tmp_path / "a" / zip_name)
     with zipfile.ZipFile(tmp_path / "b" / zip_name) as zf:
         infos = zf.infolist()
@@ -121,7 +122,7 @@ def test_rebuild_is_byte_identical(bundles_dir, tmp_path):
 
 def test_archive_holds_only_what_the_bundle_needs(bundles_dir, tmp_path):
     package(bundles_dir, tmp_path / "plain", wheel=False)
-    with zipfile.ZipFile(tmp_path / "plain" / f"{BUNDLE}_v0.1.0.zip") as zf:
+    with zipfile.ZipFile(tmp_path / "plain" / f"{BUNDLE}_v{VERSION}.zip") as zf:
         names = set(zf.namelist())
     source = bundles_dir / BUNDLE
     expected = {f"{BUNDLE}/LICENSE"} | {
@@ -133,7 +134,7 @@ def test_archive_holds_only_what_the_bundle_needs(bundles_dir, tmp_path):
     assert not [n for n in names if n.split("/")[1] in ("eval", "data", "runs", "models") or n.endswith(".pyc")]
 
     package(bundles_dir, tmp_path / "weights", wheel=False, include_weights=True)
-    with zipfile.ZipFile(tmp_path / "weights" / f"{BUNDLE}_v0.1.0.zip") as zf:
+    with zipfile.ZipFile(tmp_path / "weights" / f"{BUNDLE}_v{VERSION}.zip") as zf:
         assert set(zf.namelist()) == expected | {f"{BUNDLE}/models/model.pt"}  # not training_state_*.pt
         assert zf.read(f"{BUNDLE}/models/model.pt") == b"runtime product"
 
@@ -202,14 +203,14 @@ def test_tampered_archive_is_rejected_and_nothing_changes(bundles_dir, http_zoo,
     target = tmp_path / "installed"
     zoo.install(BUNDLE, f"{url}/model_info.json", str(target))
     before = snapshot(target)
-    archive = folder / f"{BUNDLE}_v0.1.0.zip"
+    archive = folder / f"{BUNDLE}_v{VERSION}.zip"
     data = bytearray(archive.read_bytes())
     data[len(data) // 2] ^= 0x01  # one bit of one byte
     archive.write_bytes(bytes(data))
     temp = tmp_path / "tmp"
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
-    with pytest.raises(ValueError, match=f"sha256 of {url}/{BUNDLE}_v0.1.0.zip is {hashlib.sha256(data).hexdigest()}"):
+    with pytest.raises(ValueError, match=f"sha256 of {url}/{BUNDLE}_v{VERSION}.zip is {hashlib.sha256(data).hexdigest()}"):
         zoo.install(BUNDLE, f"{url}/model_info.json", str(target))
     assert snapshot(target) == before
     assert list(temp.iterdir()) == []  # the downloaded file was removed
@@ -251,11 +252,11 @@ def test_unsafe_archive_is_rejected_before_extracting(tmp_path, member, why):
     zoo_dir = tmp_path / "zoo"
     zoo_dir.mkdir()
     name = member.replace("{tmp}", str(tmp_path))
-    entry = _write_bundle_zip(zoo_dir / f"{BUNDLE}_v0.1.0.zip", [
+    entry = _write_bundle_zip(zoo_dir / f"{BUNDLE}_v{VERSION}.zip", [
         (f"{BUNDLE}/LICENSE", b"ok"),
         (_symlink(f"{BUNDLE}/evil.txt") if member == "symlink" else name, b"../../evil.txt"),
     ])
-    (zoo_dir / "model_info.json").write_text(json.dumps({f"{BUNDLE}_v0.1.0": entry}))
+    (zoo_dir / "model_info.json").write_text(json.dumps({f"{BUNDLE}_v{VERSION}": entry}))
     target = tmp_path / "installed"
     shown = f"{BUNDLE}/evil.txt" if member == "symlink" else name
     with pytest.raises(ValueError, match=f"unsafe archive .*member {re.escape(repr(shown))} {re.escape(why)}"):
@@ -270,10 +271,10 @@ def test_clear_errors_name_the_url(bundles_dir, http_zoo, tmp_path):
     index_url = f"{url}/model_info.json"
     with pytest.raises(ValueError, match=f"bundle 'spleen' is not in {index_url}"):
         zoo.install("spleen", index_url, str(tmp_path / "x"))
-    with pytest.raises(ValueError, match=f"version 9.9.9 of '{BUNDLE}' is not in {index_url}; available: 0.1.0"):
+    with pytest.raises(ValueError, match=f"version 9.9.9 of '{BUNDLE}' is not in {index_url}; available: {VERSION}"):
         zoo.install(BUNDLE, index_url, str(tmp_path / "x"), version="9.9.9")
-    (folder / f"{BUNDLE}_v0.1.0.zip").unlink()
-    with pytest.raises(ConnectionError, match=f"cannot fetch {url}/{BUNDLE}_v0.1.0.zip: HTTP 404"):
+    (folder / f"{BUNDLE}_v{VERSION}.zip").unlink()
+    with pytest.raises(ConnectionError, match=f"cannot fetch {url}/{BUNDLE}_v{VERSION}.zip: HTTP 404"):
         zoo.install(BUNDLE, index_url, str(tmp_path / "x"))
     with socket.socket() as sock:  # a loopback port nobody listens on
         sock.bind(("127.0.0.1", 0))
@@ -283,7 +284,7 @@ def test_clear_errors_name_the_url(bundles_dir, http_zoo, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere/model_info.json not found"):
         zoo.read_index(str(tmp_path / "nowhere" / "model_info.json"))
     index = json.loads((folder / "model_info.json").read_text())
-    del index[f"{BUNDLE}_v0.1.0"]["sha256"]
+    del index[f"{BUNDLE}_v{VERSION}"]["sha256"]
     (folder / "model_info.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="has no 'sha256'"):
         zoo.install(BUNDLE, index_url, str(tmp_path / "x"))
@@ -296,7 +297,7 @@ def test_monai_bundle_download_accepts_our_archive(bundles_dir, http_zoo, tmp_pa
     folder, url = http_zoo
     package(bundles_dir, folder, wheel=False, base_url=url)
     with pytest.warns(UserWarning, match="file integrity is NOT verified"):  # MONAI checks no hash for --url
-        download(name=BUNDLE, url=f"{url}/{BUNDLE}_v0.1.0.zip", bundle_dir=str(tmp_path / "monai"), progress=False)
+        download(name=BUNDLE, url=f"{url}/{BUNDLE}_v{VERSION}.zip", bundle_dir=str(tmp_path / "monai"), progress=False)
     installed = tmp_path / "monai" / BUNDLE / "configs" / "metadata.json"
     assert installed.read_bytes() == (bundles_dir / BUNDLE / "configs" / "metadata.json").read_bytes()
 
@@ -325,7 +326,7 @@ def test_done_when_packaged_served_downloaded_loaded_and_served_by_monai_label(
     target = tmp_path / "empty"
     target.mkdir()
     done = zoo.install(BUNDLE, f"{url}/model_info.json", str(target))
-    assert done["sha256"] == sha256(folder / f"{BUNDLE}_v0.1.0.zip")
+    assert done["sha256"] == sha256(folder / f"{BUNDLE}_v{VERSION}.zip")
 
     def no_download(**kwargs):
         raise AssertionError(f"monai.bundle.load tried to download: {kwargs}")
