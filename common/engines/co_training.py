@@ -54,8 +54,8 @@ from torch.utils.data import DataLoader, Sampler
 from common.engines.sliding_window import DHC_STRIDES, monai_overlap
 from common.losses.debiased_weighting import DiffDW, DistDW, class_counts
 from common.losses.weighted_ce_dice import WeightedCEDiceLoss
-from common.utils.ramps import consistency_weight_in_epoch, lr_in_epoch, sigmoid_rampup
 from common.utils.distributed import broadcast_from_rank0, world_size
+from common.utils.ramps import consistency_weight_in_epoch, lr_in_epoch, sigmoid_rampup
 from common.utils.schedules import ema_update
 
 __all__ = [

@@ -30,8 +30,9 @@ class DINOLoss(nn.Module):
 
     Centre: ``c <- m * c + (1 - m) * mean_{rows}(t)`` over all teacher rows of the batch; in a multi-process run
     each rank keeps its own centre from its own rows (Sparsam, the default) or, with ``all_reduce_center``, the
-    mean is taken over the rows of every rank (original DINO), so that all ranks share one centre. While ``c`` is all zero (fresh module), the current batch mean is used as the centre *and* stored
-    by the next update (Sparsam's initialisation; original DINO starts from ``c = 0``).
+    mean is taken over the rows of every rank (original DINO), so that all ranks share one centre. While ``c`` is
+    all zero (fresh module), the current batch mean is used as the centre *and* stored by the next update
+    (Sparsam's initialisation; original DINO starts from ``c = 0``).
 
     Centre updates: :meth:`forward` calls :meth:`update_center` itself, after computing the loss and under
     ``no_grad``, **only in training mode** (the original updates after every loss call). ``loss.eval()`` freezes
