@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 from common.losses.debiased_weighting import DistDW
 from common.losses.dino import DINOLoss
 from common.losses.weighted_ce_dice import hard_batch_dice
-from common.utils.distributed import all_reduce_sum, broadcast_from_rank0, world_size
+from common.utils.distributed import (all_reduce_extreme, all_reduce_sum, average_gradients, broadcast_from_rank0,
+                                      world_size)
 
 # teacher logits (K = 2): rank 0 holds rows [1, 0] and [3, 0], rank 1 the row [0, 2]
 TEACHER = {0: torch.tensor([[1.0, 0.0], [3.0, 0.0]]), 1: torch.tensor([[0.0, 2.0]])}
@@ -40,6 +41,13 @@ def _worker(rank: int, store: str, results: dict) -> None:
         weighting.init_weights([1.0, 1.0, 2.0])
         out["dist_weights"] = weighting.update(_logits(PRED[rank]))
         out["sum"] = all_reduce_sum(torch.tensor([float(rank + 1)]))
+        scores = torch.tensor([float(rank), 5.0 - 4.0 * rank])  # rank 0: [0, 5], rank 1: [1, 1]
+        out["max"] = all_reduce_extreme(scores, largest=True)
+        out["min"] = all_reduce_extreme(scores, largest=False)
+        param = torch.nn.Parameter(torch.zeros(2))
+        param.grad = torch.tensor([2.0 * rank, 1.0])  # rank 0: [0, 1], rank 1: [2, 1]
+        average_gradients([param])
+        out["grad"] = param.grad.clone()
         buffer = torch.full((2,), float(rank))
         broadcast_from_rank0([buffer])
         out["buffer"] = buffer
@@ -64,6 +72,8 @@ def test_two_ranks_share_global_batch_statistics(tmp_path):
         # DistDW with momentum 0 takes distribution_weights([4, 3, 1]) at once, the same on both ranks
         assert torch.equal(out["dist_weights"], results[0]["dist_weights"])
         assert out["sum"].item() == 3.0  # 1 + 2
+        assert out["max"].tolist() == [1.0, 5.0] and out["min"].tolist() == [0.0, 1.0]  # of [0, 5] and [1, 1]
+        assert out["grad"].tolist() == [1.0, 1.0]  # ([0, 1] + [2, 1]) / 2
         assert out["buffer"].tolist() == [0.0, 0.0]  # rank 0's values everywhere
     # Sparsam's per-rank centres: rank 0 [(1 + 3) / 2, 0] = [2, 0], rank 1 [0, 2]
     assert results[0]["center_per_rank"].tolist() == [[2.0, 0.0]]

@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, Sampler
 from common.engines.sliding_window import DHC_STRIDES, monai_overlap
 from common.losses.debiased_weighting import DiffDW, DistDW, class_counts
 from common.losses.weighted_ce_dice import WeightedCEDiceLoss
-from common.utils.distributed import broadcast_from_rank0, world_size
+from common.utils.distributed import average_gradients, broadcast_from_rank0
 from common.utils.ramps import consistency_weight_in_epoch, lr_in_epoch, sigmoid_rampup
 from common.utils.schedules import ema_update
 
@@ -406,12 +406,7 @@ class CoTrainingTrainer(SupervisedTrainer):
     def _average_gradients(self) -> None:
         """Multi-process runs: average the gradients over the ranks before the steps (what DDP does, without
         wrapping the branches, so that ``state_dict`` keys stay ``branch_a.*``/``branch_b.*``)."""
-        world = world_size()
-        if world > 1:
-            for param in self.network.parameters():
-                if param.grad is not None:
-                    torch.distributed.all_reduce(param.grad)
-                    param.grad.div_(world)
+        average_gradients(self.network.parameters())
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-__all__ = ["world_size", "all_reduce_sum", "broadcast_from_rank0"]
+__all__ = ["world_size", "all_reduce_sum", "all_reduce_extreme", "average_gradients", "broadcast_from_rank0"]
 
 
 def world_size() -> int:
@@ -28,6 +28,28 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     total = tensor.detach().clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total
+
+
+def all_reduce_extreme(tensor: torch.Tensor, largest: bool) -> torch.Tensor:
+    """Element-wise ``max_r`` (``largest``) or ``min_r`` of ``tensor`` over the ranks, as a new tensor; the input
+    itself in a single process (EndoKED-MIL's per-epoch score range over every rank's instances)."""
+    if world_size() == 1:
+        return tensor
+    extreme = tensor.detach().clone()
+    dist.all_reduce(extreme, op=dist.ReduceOp.MAX if largest else dist.ReduceOp.MIN)
+    return extreme
+
+
+def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Replace every gradient by its mean over the ranks (what DDP does, without wrapping the network, so that
+    ``state_dict`` keys keep their names and engines with several optimisers stay simple); nothing in a single
+    process. Every rank must hold gradients for the same parameters (the same phase of the same engine)."""
+    world = world_size()
+    if world > 1:
+        for param in parameters:
+            if param.grad is not None:
+                dist.all_reduce(param.grad)
+                param.grad.div_(world)
 
 
 def broadcast_from_rank0(tensors: Iterable[torch.Tensor]) -> None:
