@@ -75,3 +75,16 @@ def test_summed_heads_inferer_adds_a_tuple_and_passes_a_tensor():
     x = torch.arange(4.0).reshape(1, 1, 2, 2)
     assert torch.equal(SummedHeadsInferer()(x, lambda t: (t, 2 * t)), 3 * x)  # P1 + P2 = x + 2x
     assert torch.equal(SummedHeadsInferer()(x, lambda t: t + 1), x + 1)
+
+
+def test_selected_head_inferer_keeps_one_output_at_input_size():
+    from common.engines.inferers import SelectedHeadInferer
+
+    x = torch.zeros(1, 1, 4, 4)
+    seg = torch.arange(4.0).view(1, 1, 2, 2)  # [[0, 1], [2, 3]] at 1/2 of the input
+    out = SelectedHeadInferer(index=1)(x, lambda t: ("cls", seg))
+    assert out.shape == (1, 1, 4, 4)
+    # bilinear x2 with align_corners=False: output pixel 0 samples input coordinate -0.25 -> clamped to 0
+    # (value 0); output pixel 1 samples 0.25 -> 0.75*0 + 0.25*1 = 0.25 along the row
+    assert out[0, 0, 0, :2].tolist() == [0.0, 0.25]
+    assert torch.equal(SelectedHeadInferer(upsample=False)(x, lambda t: seg), seg)  # a single tensor passes through

@@ -1,8 +1,11 @@
 """Dataset readers and generators of embedded demo data."""
 
-from . import (classification_folders, demo_classification, demo_polyps, demo_volumes, generated, label_budget,
-               polyp_folders, volume_folders)
+from . import (classification_folders, demo_classification, demo_exams, demo_polyps, demo_volumes, exam_bags,
+               generated, label_budget, mil_scores, polyp_folders, report_labels, volume_folders, wsss_images)
+from .demo_exams import ensure_demo_exam_dataset, make_demo_exam_dataset
+from .exam_bags import BagDataset, exam_bag_datalist, instance_datalist, split_bags
 from .demo_classification import ensure_demo_classification_dataset, make_demo_classification_dataset
 from .demo_polyps import ensure_demo_polyp_dataset, make_demo_polyp_dataset
 from .demo_volumes import ensure_demo_volume_dataset, make_demo_volume_dataset
+from .report_labels import extract_polyp_label, make_report_labeller
 from .polyp_folders import find_images, find_polyp_sets, polyp_datalist, require_role, resolve_roles

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from monai.inferers import SimpleInferer
 
-__all__ = ["SummedHeadsInferer"]
+__all__ = ["SummedHeadsInferer", "SelectedHeadInferer"]
 
 
 class SummedHeadsInferer(SimpleInferer):
@@ -21,3 +22,29 @@ class SummedHeadsInferer(SimpleInferer):
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = network(inputs, *args, **kwargs)
         return sum(out) if isinstance(out, (tuple, list)) else out
+
+
+class SelectedHeadInferer(SimpleInferer):
+    """``SimpleInferer`` that keeps one output of a multi-output network, bilinearly upsampled to the input size.
+
+    The EndoKED-WSSS network (:class:`~common.networks.toco_vit.ToCoViT`) returns ``(cls, seg, fmap, cls_aux)`` in
+    training mode; validation scores its decoder, ``seg [B, K, H/16, W/16]`` (index 1), at the input's
+    ``[B, K, H, W]``. A network that already returns one tensor (``seg_only=True``) passes through to the same
+    upsampling.
+
+    Args:
+        index: position of the kept output in a tuple or list.
+        upsample: resize the kept map to the input's spatial size (``align_corners=False``).
+    """
+
+    def __init__(self, index: int = 1, upsample: bool = True) -> None:
+        super().__init__()
+        self.index = index
+        self.upsample = upsample
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = network(inputs, *args, **kwargs)
+        out = out[self.index] if isinstance(out, (tuple, list)) else out
+        if self.upsample and out.shape[2:] != inputs.shape[2:]:
+            out = F.interpolate(out, size=inputs.shape[2:], mode="bilinear", align_corners=False)
+        return out

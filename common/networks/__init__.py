@@ -1,9 +1,13 @@
 """Networks of the re-implemented methods (official architectures, official state-dict key names)."""
 
-from . import dino_head, polyp_pvt, pvt_v2, timm_backbone, unetpp, vnet
+from . import box_refiners, dino_head, mil, par, polyp_pvt, pvt_v2, timm_backbone, toco_vit, unetpp, vnet
+from .box_refiners import GrabCutBoxRefiner, SamBoxRefiner, ThresholdRefiner, make_box_refiner
 from .dino_head import DINOHead, MultiCropWrapper
 from .polyp_pvt import PolypPVT
 from .pvt_v2 import PyramidVisionTransformerV2, pvt_v2_b0, pvt_v2_b1, pvt_v2_b2, pvt_v2_b3, pvt_v2_b4, pvt_v2_b5
+from .mil import EndoKEDMIL
+from .par import PAR
 from .timm_backbone import create_backbone
+from .toco_vit import ToCoViT
 from .unetpp import UNetPlusPlus
 from .vnet import DualVNet, VNet

@@ -1,6 +1,8 @@
 """MONAI dictionary transforms shared by the bundles."""
 
-from . import feature_classifier, io, multicrop
+from . import box_prompts, cams, feature_classifier, io, multicrop, toco_views
+from .box_prompts import mask_to_box
 from .feature_classifier import FeatureClassifierd
 from .io import CheckPolypPaird, LoadPolypImaged, SaveMaskd
 from .multicrop import EvalTransformd, MultiCropd
+from .toco_views import ToCoViewsd
