@@ -22,7 +22,7 @@ from common.data.demo_polyps import make_demo_polyp_dataset
 from common.handlers.training_state import latest_training_state
 from common.utils.config import check_cli_overrides
 
-from conftest import REPO_ROOT, bundle_workflow, read_csv, run_workflow
+from conftest import REPO_ROOT, bundle_workflow, error_text, read_csv, run_workflow
 
 BUNDLE = REPO_ROOT / "bundles" / "endoked_polyp_segmentation"
 CONFIGS = BUNDLE / "configs"
@@ -228,3 +228,67 @@ def test_a_fresh_run_replaces_the_states_of_an_older_run(trained, tmp_path):
     (root / "models" / "training_state_epoch=7.pt").write_bytes(b"an older run's state")
     run(workflow(root, "train", ["train.json"], epochs=2, **TINY))
     assert [p.name for p in (root / "models").glob("training_state_*")] == ["training_state_epoch=2.pt"]
+
+
+def _oracle_round0(tmp_path: Path) -> tuple[Path, Path]:
+    """Demo exams and a round-0 pseudo-label folder made from their ground truth (oracle map, no refiner):
+    the rounds start from perfect masks, so the test checks the plumbing, not the CAM stage."""
+    from common.data.demo_exams import make_demo_exam_dataset
+    from common.data.wsss_images import exam_mask_paths
+    from common.engines.pseudo_masks import generate_pseudo_masks
+    from common.networks.box_refiners import ThresholdRefiner
+
+    exams = make_demo_exam_dataset(tmp_path / "exams", n_exams=4, frames=(4, 4), size=(96, 128))
+    positives = [r["image"] for r in read_csv(exams / "instance_labels.csv") if r["label"] == "1"]
+    images = [str(exams / p) for p in positives]
+    gt = exam_mask_paths(images)
+    assert len(gt) == len(images) > 0
+    oracle = {image: np.asarray(Image.open(gt[image]).convert("L"), dtype=np.float32) / 255.0 for image in images}
+    calls = iter(images)
+    generate_pseudo_masks(images, lambda image: oracle[next(calls)], ThresholdRefiner(), tmp_path / "round0",
+                          threshold=0.5, gt_paths=gt, overlay_count=0, progress=False)
+    return exams, tmp_path / "round0"
+
+
+def test_rounds_train_predict_and_relabel(tmp_path):
+    """configs/rounds.json: one round trains a fresh Polyp-PVT on the round-0 masks (train.json with
+    --pseudo_labels), predicts every candidate frame, boxes it and writes round 1's masks and Dice vs ground truth."""
+    _, round0 = _oracle_round0(tmp_path)
+    accepted = read_csv(round0 / "filtered.csv")
+    root = tmp_path / "bundle"
+    wf = ConfigWorkflow(config_file=str(CONFIGS / "rounds.json"), meta_file=str(CONFIGS / "metadata.json"),
+                        logging_file=False, workflow_type=None, bundle_root=str(root), pseudo_labels=str(round0),
+                        rounds=1, image_size=64, overlay_count=2, train_config=str(CONFIGS / "train.json"),
+                        train_overrides={**TINY, "epochs": 1})
+    wf.initialize()
+    rows = run(wf)[0]
+    assert [r["round"] for r in rows] == [0, 1]
+    # round 0 is the oracle: every accepted mask equals the ground truth -> smoothed Dice (2n + 1) / (2n + 1) = 1
+    assert float(rows[0]["pseudo_mask_dice"]) == 1.0 and rows[0]["accepted"] == len(accepted)
+    table = read_csv(root / "eval" / "rounds" / "rounds.csv")
+    assert [t["round"] for t in table] == ["0", "1"] and table[1]["images"] == str(rows[0]["images"])
+    round1 = root / "eval" / "rounds" / "round_1"
+    assert (round1 / "models" / "model.pt").is_file()
+    for row in read_csv(round1 / "pseudo_masks" / "filtered.csv"):  # the label names of round 0 are kept
+        assert (round1 / "pseudo_masks" / "labels" / row["filtered_label_name"]).is_file()
+    assert (root / "eval" / "rounds" / "rounds.png").is_file()
+
+
+def test_training_on_pseudo_labels_reads_the_filtered_list(tmp_path):
+    _, round0 = _oracle_round0(tmp_path)
+    wf = workflow(tmp_path / "bundle", "train", ["train.json"], epochs=1, pseudo_labels=str(round0), **TINY)
+    pairs = wf.parser.get_parsed_content("train#dataset#data")
+    assert [p["image"] for p in pairs] == [r["filtered_img_path"] for r in read_csv(round0 / "filtered.csv")]
+    (round0 / "labels" / "00000.png").unlink()
+    with pytest.raises(Exception) as err:
+        workflow(tmp_path / "bundle2", "train", ["train.json"], epochs=1, pseudo_labels=str(round0), **TINY)
+    assert "00000.png" in error_text(err.value) and "filtered.csv" in error_text(err.value)
+
+
+def test_rounds_without_pseudo_labels_says_what_to_pass(tmp_path):
+    wf = ConfigWorkflow(config_file=str(CONFIGS / "rounds.json"), meta_file=str(CONFIGS / "metadata.json"),
+                        logging_file=False, workflow_type=None, bundle_root=str(tmp_path))
+    wf.initialize()
+    with pytest.raises(Exception) as err:
+        wf.run()
+    assert "--pseudo_labels" in error_text(err.value)
