@@ -160,3 +160,14 @@ def test_export_to_list_round_trip(tmp_path):
     assert selected == [{"image": str(images[0]), "label": 1}, {"image": str(images[11]), "label": 0}]
     lines = write_positive_list(selected, tmp_path / "pos.csv").read_text().splitlines()
     assert lines == ["img_path,label_name", f"{images[0]},00000.png"]
+
+
+def test_positive_top_k_takes_the_best_frames_of_every_positive_bag():
+    rows = rows_of("p1", 1, [0.2, 0.6, 0.4, 0.6]) + rows_of("p2", 1, [0.1]) + rows_of("n", 0, [0.9] * 10)
+    picked = [r["image"] for r in select_wsss_images(rows, positive_top_k=2) if r["label"] == 1]
+    # p1: scores 0.6 (row 1) and 0.6 (row 3) are the two highest (the tie kept in row order); p2 has one frame;
+    # the 0.8 threshold would have kept none of them
+    assert picked == [rows[1]["image"], rows[3]["image"], rows[4]["image"]]
+    assert [r for r in select_wsss_images(rows) if r["label"] == 1] == []
+    with pytest.raises(ValueError, match="positive_top_k"):
+        select_wsss_images(rows, positive_top_k=0)

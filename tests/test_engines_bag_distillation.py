@@ -3,6 +3,7 @@ AUCs on a constructed case and the per-bag CSV export (specs/endoked.md §2.4-§
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -19,9 +20,11 @@ from common.engines.bag_distillation import (
     BagEvaluator,
     BagScoreWriter,
     InstanceAUC,
+    build_optimizers,
     write_bag_scores,
 )
-from common.networks.mil import EndoKEDMIL
+from common.losses.mil_distillation import abmil_bag_loss, dsmil_bag_loss
+from common.networks.mil import AttentionMILHead, DSMILHead, EndoKEDMIL, InstanceClassifierHead
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -274,3 +277,103 @@ def test_write_bag_scores_names_and_columns(tmp_path):
         write_bag_scores("exam_15", ["a.jpg"], [0.5], 2, tmp_path)
     with pytest.raises(ValueError, match="cannot name a file"):
         write_bag_scores("a/b", ["a.jpg"], [0.5], 1, tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------- two processes
+LR = 0.5
+# one bag per rank: rank 0 a positive bag of 3 frames, rank 1 a negative bag of 4 frames (8 x 8 pixels)
+RANK_BAGS = {0: (3, 1), 1: (4, 0)}
+
+
+def _tiny_mil(seed: int) -> nn.Module:
+    """The four EndoKED-MIL parts at toy width (D = 4, hidden 8) without dropout, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    net = nn.Module()
+    net.encoder = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                nn.Flatten())
+    net.teacher1 = AttentionMILHead(4, hidden_features=8, attention_features=4, dropout=0.0)
+    net.teacher2 = DSMILHead(4, hidden_features=8, dropout=0.0)
+    net.student = InstanceClassifierHead(4, hidden_features=8, dropout=0.0)
+    return net
+
+
+def _rank_bag(rank: int) -> tuple[torch.Tensor, int]:
+    n, label = RANK_BAGS[rank]
+    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(10 + rank)) + label, label
+
+
+def _distributed_worker(rank: int, store: str, results: dict) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        bag, label = _rank_bag(rank)
+        net = _tiny_mil(seed=rank)  # different initial weights per rank: rank 0's must win
+        engine = BagDistillationTrainer(
+            device="cpu", max_epochs=1, network=net, optimizers=build_optimizers(net, LR),
+            train_data_loader=[{"image": bag[None], "label": torch.tensor([label]), "exam_id": [f"R{rank}"]}],
+            instance_loader=[{"image": bag, "label": torch.full((bag.shape[0],), label)}])
+        out: dict = {}
+        engine.add_event_handler(Events.STARTED, lambda e: out.setdefault("start", snapshot(net)))
+        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: out.update(
+            teacher_step=snapshot(net), local_ranges=list(engine.score_ranges)))
+        engine.add_event_handler(BagDistillationEvents.STUDENT_STARTED,
+                                 lambda e: out.update(ranges=list(engine.score_ranges)))
+        engine.run()
+        out["final"] = snapshot(net)
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+def _teacher_gradients(net: nn.Module, rank: int) -> dict[str, torch.Tensor]:
+    """Gradients of L_T = L_T1 + L_T2 (spec §2.4, lambda = (1, 1)) on rank ``rank``'s bag, computed in this process."""
+    net = copy.deepcopy(net)
+    bag, label = _rank_bag(rank)
+    features = net.encoder(bag)
+    logits1, _ = net.teacher1(features)
+    logits2, scores2 = net.teacher2(features)
+    loss = (abmil_bag_loss(torch.softmax(logits1, dim=1), torch.tensor([float(label)]))
+            + dsmil_bag_loss(torch.softmax(logits2, dim=1), scores2, torch.tensor([float(label)])))
+    loss.backward()
+    return {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in net.named_parameters()}
+
+
+@pytest.mark.slow
+def test_two_ranks_train_one_network(tmp_path):
+    """2 gloo processes with different bags and different initial weights: both start from rank 0's weights, the
+    teacher step uses the mean of the two ranks' gradients, the student phase the score range over both ranks, and
+    both ranks end with the same parameters and BatchNorm statistics."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_distributed_worker, args=(str(tmp_path / "store"), results), nprocs=2, join=True)
+    r0, r1 = results[0], results[1]
+    rank0_init = dict(_tiny_mil(seed=0).state_dict())
+    for key, value in rank0_init.items():  # rank 1 built its network from seed 1 but starts from rank 0's
+        assert torch.equal(r1["start"][key], value) and torch.equal(r0["start"][key], value), key
+    assert any(not torch.equal(v, _tiny_mil(seed=1).state_dict()[k]) for k, v in rank0_init.items())
+
+    # teacher step: theta_1 = theta_0 - lr * (g_0 + g_1) / 2 over encoder + teachers; the student is not stepped
+    net = _tiny_mil(seed=0)
+    g0, g1 = _teacher_gradients(net, 0), _teacher_gradients(net, 1)
+    assert any(not torch.allclose(g0[n], g1[n]) for n in g0)  # the ranks' own steps would differ
+    for name, param in net.named_parameters():
+        expected = param.detach() - LR * (g0[name] + g1[name]) / 2 if not name.startswith("student.") \
+            else param.detach()
+        for out in (r0, r1):
+            torch.testing.assert_close(out["teacher_step"][name], expected, rtol=1e-5, atol=1e-7, msg=name)
+
+    # score ranges: rank r recorded (min, max) of its own bag; the student phase uses min of the minima and max of
+    # the maxima, the same on both ranks
+    local0, local1 = r0["local_ranges"], r1["local_ranges"]
+    assert local0 != local1
+    expected_ranges = [(min(a[0], b[0]), max(a[1], b[1])) for a, b in zip(local0, local1)]
+    assert r0["ranges"] == expected_ranges and r1["ranges"] == expected_ranges  # extremes: exact, no arithmetic
+
+    # after the student phase both ranks hold one network (parameters and BatchNorm buffers), the student trained
+    assert set(r0["final"]) == set(r1["final"])
+    for key in r0["final"]:
+        assert torch.equal(r0["final"][key], r1["final"][key]), key
+    assert any(not torch.equal(r0["final"][k], r0["teacher_step"][k]) for k in r0["final"] if k.startswith("student."))

@@ -88,3 +88,19 @@ def test_selected_head_inferer_keeps_one_output_at_input_size():
     # (value 0); output pixel 1 samples 0.25 -> 0.75*0 + 0.25*1 = 0.25 along the row
     assert out[0, 0, 0, :2].tolist() == [0.0, 0.25]
     assert torch.equal(SelectedHeadInferer(upsample=False)(x, lambda t: seg), seg)  # a single tensor passes through
+
+
+def test_cam_inferer_returns_the_normalised_main_cam():
+    from common.engines.inferers import CAMInferer
+
+    class Ramp(torch.nn.Module):
+        """cam_only forward of a ToCo network: (cam_aux, cam); the main CAM is the column index 0..3."""
+
+        def forward(self, x, cam_only=False):
+            cam = torch.arange(4.0).expand(x.shape[0], 1, 4, 4).clone()
+            return -cam, cam
+
+    out = CAMInferer(scales=(1.0,))(torch.zeros(1, 3, 4, 4), Ramp())
+    # flip max: max(c, 3 - c) over columns 0..3 = [3, 2, 2, 3]; min-max: (v - 2) / (1 + 1e-5) ~ [1, 0, 0, 1]
+    assert out.shape == (1, 1, 4, 4)
+    assert torch.allclose(out[0, 0, 0], torch.tensor([1.0, 0.0, 0.0, 1.0]), atol=1e-4)

@@ -346,3 +346,18 @@ def test_cli_llm_end_to_end(tmp_path, tiny_lm):
     assert counts == {"positive": 4, "negative": 0, "uncertain": 1}
     with pytest.raises(ValueError, match="needs model_path"):
         cli.main(reports=str(reports), output=str(tmp_path / "x.csv"), labeller="llm")
+
+
+def test_ensure_exam_labels_writes_once_and_keeps_an_existing_table(tmp_path):
+    from common.data.report_labels import ensure_exam_labels
+
+    reports = tmp_path / "reports.csv"
+    reports.write_text("exam_id,report\na,A 5 mm polyp in the rectum.\nb,No polyps were seen.\nc,Possible polyp.\n")
+    out = tmp_path / "exam_labels.csv"
+    assert ensure_exam_labels(reports, out) == str(out)
+    # a: affirmed -> 1, b: negated -> 0, c: uncertain -> left out (listed in exam_labels_uncertain.csv)
+    assert out.read_text().splitlines() == ["exam_id,label", "a,1", "b,0"]
+    assert "c" in (tmp_path / "exam_labels_uncertain.csv").read_text()
+    out.write_text("exam_id,label\na,0\n")  # edited by hand: kept, not relabelled
+    ensure_exam_labels(reports, out)
+    assert out.read_text() == "exam_id,label\na,0\n"

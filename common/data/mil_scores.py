@@ -100,6 +100,7 @@ def select_wsss_images(
     negative_fraction: float = 0.1,
     negative_rule: str = "lowest",
     seed: int = 0,
+    positive_top_k: int | None = None,
 ) -> list[dict[str, Any]]:
     """Images and image labels for the CAM network (module docstring).
 
@@ -112,6 +113,9 @@ def select_wsss_images(
             ``k`` rows, the released code) or ``"random"`` (``k`` rows drawn with ``numpy.random.default_rng(seed)``,
             one stream over the bags in order).
         seed: seed of ``"random"``.
+        positive_top_k: instead of the threshold, the ``k`` highest-scored frames of every positive bag (ties by row
+            order), as EndoKED's "Large" loader does with ``k = 2`` (§2.7); it keeps every positive exam in play
+            when the scores are not (yet) calibrated.
 
     Returns:
         ``[{"image": str, "label": 1}, ...]`` for the positives in row order, then ``[{"image": str, "label": 0}]``
@@ -126,6 +130,8 @@ def select_wsss_images(
                          f"and {negative_fraction}.")
     if negative_rule not in NEGATIVE_RULES:
         raise ValueError(f"negative_rule must be one of {NEGATIVE_RULES}, got {negative_rule!r}.")
+    if positive_top_k is not None and int(positive_top_k) < 1:
+        raise ValueError(f"positive_top_k must be >= 1 or None, got {positive_top_k}.")
     bags: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:
         bag = bags.setdefault(str(row["exam_id"]), [])
@@ -137,7 +143,11 @@ def select_wsss_images(
     positives, negatives = [], []
     for bag in bags.values():
         if int(bag[0]["bag_label"]) == 1:
-            positives += [{"image": r["image"], "label": 1} for r in bag if float(r["score"]) >= positive_threshold]
+            if positive_top_k is None:
+                picked = [i for i, r in enumerate(bag) if float(r["score"]) >= positive_threshold]
+            else:
+                picked = sorted(sorted(range(len(bag)), key=lambda i: -float(bag[i]["score"]))[:int(positive_top_k)])
+            positives += [{"image": bag[i]["image"], "label": 1} for i in picked]
             continue
         k = math.floor(negative_fraction * len(bag) + 1e-9)  # the epsilon keeps e.g. 0.1 * 30 from flooring to 2
         if negative_rule == "first":

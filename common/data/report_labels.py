@@ -88,6 +88,7 @@ __all__ = [
     "read_report_table",
     "label_reports",
     "write_exam_labels",
+    "ensure_exam_labels",
 ]
 
 logger = logging.getLogger(__name__)
@@ -558,3 +559,27 @@ def write_exam_labels(rows: Sequence[Mapping[str, Any]], output_csv: str | os.Pa
     write_csv(output_csv.with_name(f"{output_csv.stem}_uncertain.csv"), ("exam_id", "report"), uncertain)
     positives = sum(r["label"] for r in certain)
     return {"positive": positives, "negative": len(certain) - positives, "uncertain": len(uncertain)}
+
+
+def ensure_exam_labels(
+    reports: str | os.PathLike,
+    exam_labels: str | os.PathLike,
+    labeller: str = "rules",
+    model_path: str | None = None,
+    id_column: str = "exam_id",
+    text_column: str = "report",
+) -> str:
+    """Stage 1 of EndoKED: the exam-label table ``exam_labels``, written from the report table ``reports`` when it
+    does not exist yet (an existing table, e.g. labelled by hand or by an earlier run, is kept as it is).
+
+    Logs the positive / negative / uncertain counts (uncertain exams are left out of the table) and returns the
+    table's path, so a bundle config can use it directly.
+    """
+    if os.path.isfile(exam_labels):
+        logger.info("stage 1, report labels: %s exists, reports not relabelled", exam_labels)
+        return str(exam_labels)
+    rows = label_reports(read_report_table(reports, id_column, text_column), make_report_labeller(labeller, model_path))
+    counts = write_exam_labels(rows, exam_labels)
+    logger.info("stage 1, report labels: %s labelled by %r -> %s: %d positive, %d negative, %d uncertain exam(s) "
+                "(left out)", reports, labeller, exam_labels, counts["positive"], counts["negative"], counts["uncertain"])
+    return str(exam_labels)

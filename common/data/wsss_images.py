@@ -50,6 +50,7 @@ def wsss_datalists(
     positive_threshold: float = 0.8,
     negative_fraction: float = 0.1,
     negative_rule: str = "lowest",
+    positive_top_k: int | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Training, validation and pseudo-label lists of the WSSS stage.
 
@@ -58,7 +59,7 @@ def wsss_datalists(
         mil_scores: folder of the MIL stage's per-exam score CSVs (``<exam>_gt1.csv`` / ``_gt0.csv``); None uses
             the frame labels of ``instance_labels.csv`` on a seeded ``train_fraction`` split of the exam folders.
         train_fraction, seed: that split (the MIL stage's 70/30, seed 42).
-        positive_threshold, negative_fraction, negative_rule: frame selection from MIL scores
+        positive_threshold, negative_fraction, negative_rule, positive_top_k: frame selection from MIL scores
             (:func:`~common.data.mil_scores.select_wsss_images`; §2.7, §7 row 10).
 
     Returns:
@@ -74,7 +75,7 @@ def wsss_datalists(
         if (dataset_dir / EXAMS_DIR).is_dir() else []
     if mil_scores is not None:
         rows = read_bag_score_csvs(mil_scores)
-        selected = select_wsss_images(rows, positive_threshold, negative_fraction, negative_rule, seed)
+        selected = select_wsss_images(rows, positive_threshold, negative_fraction, negative_rule, seed, positive_top_k)
         train = [{"image": row["image"], "label": float(row["label"])} for row in selected]
         train_exams = {row["exam_id"] for row in rows}
         source = f"MIL scores in {mil_scores}"

@@ -17,6 +17,16 @@ The network is :class:`common.networks.mil.EndoKEDMIL` (``encoder``, ``teacher1`
 
 Four plain SGD optimisers (lr 1e-3, no momentum or weight decay; :func:`build_optimizers`) as in the original.
 The student phase runs before any handler given in ``train_handlers`` (validation, checkpoints) sees the epoch end.
+
+Multi-process runs (``torch.distributed`` initialised; each rank its own share of the bags and of the instances, e.g.
+through ``DistributedSampler`` with ``even_divisible=True`` so that every rank runs as many steps): the network is
+not wrapped in DDP (its ``state_dict`` keys stay ``encoder.*``, ``teacher1.*``, ...); instead every rank starts from
+rank 0's parameters and buffers (broadcast at ``STARTED``), the gradients of both phases are averaged over the ranks
+between backward and step (a parameter without a gradient gets a zero one first, so that every rank reduces the same
+tensors), the buffers (BatchNorm statistics) are taken from rank 0 after every teacher and student iteration, and the
+per-teacher score range ``(min_t, max_t)`` is reduced to its extremes over all ranks before the student phase, so
+that the pseudo labels of every rank use the range over all training instances of the epoch, as one process would.
+A rank that skips a positive bag (``smooth_epochs``) still joins the step with zero gradients.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ from common.losses.mil_distillation import (
     merge_pseudo_labels,
     student_distillation_loss,
 )
+from common.utils.distributed import all_reduce_extreme, average_gradients, broadcast_from_rank0, world_size
 from common.utils.files import write_csv
 
 __all__ = [
@@ -225,10 +236,43 @@ class BagDistillationTrainer(Trainer):
         self.score_ranges: list[tuple[float, float]] = []
         self._student_losses: list[float] = []
         self.student_engine = Engine(self._student_iteration)
+        self.add_event_handler(Events.STARTED, self._broadcast_parameters)
+        self.add_event_handler(Events.ITERATION_COMPLETED, self._broadcast_buffers)
+        self.student_engine.add_event_handler(Events.ITERATION_COMPLETED, self._broadcast_buffers)
         self.add_event_handler(Events.EPOCH_STARTED, self._reset_ranges)
         self.add_event_handler(Events.EPOCH_COMPLETED, self._student_phase)
         if train_handlers is not None:  # after the student phase: validation and checkpoints see the whole epoch
             self._register_handlers(train_handlers)
+
+    def _broadcast_parameters(self, _: Engine) -> None:
+        """Multi-process runs: every rank starts from rank 0's parameters and buffers."""
+        broadcast_from_rank0([*self.network.parameters(), *self.network.buffers()])
+
+    def _broadcast_buffers(self, _: Engine) -> None:
+        """Multi-process runs: after every teacher or student step all ranks take rank 0's buffers (BatchNorm running
+        statistics), as DDP does with ``broadcast_buffers=True``, so that every rank validates and saves one network."""
+        broadcast_from_rank0(self.network.buffers())
+
+    def _average_gradients(self, parts: Sequence[str]) -> None:
+        """Multi-process runs: replace the gradients of ``parts`` by their mean over the ranks (zero-filled first)."""
+        if world_size() == 1:
+            return
+        params = [p for part in parts for p in getattr(self.network, part).parameters() if p.requires_grad]
+        for param in params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        average_gradients(params)
+
+    def _global_score_ranges(self) -> None:
+        """Multi-process runs: each teacher's ``(min, max)`` over the instances of every rank."""
+        if world_size() == 1:
+            return
+        device = self.state.device
+        lows = all_reduce_extreme(torch.tensor([lo for lo, _ in self.score_ranges], dtype=torch.float64,
+                                               device=device), largest=False)
+        highs = all_reduce_extreme(torch.tensor([hi for _, hi in self.score_ranges], dtype=torch.float64,
+                                                device=device), largest=True)
+        self.score_ranges = [(float(lo), float(hi)) for lo, hi in zip(lows.tolist(), highs.tolist())]
 
     def _reset_ranges(self, _: Engine) -> None:
         self.score_ranges = [(math.inf, -math.inf), (math.inf, -math.inf)]
@@ -238,13 +282,15 @@ class BagDistillationTrainer(Trainer):
         self.score_ranges = [(min(lo, float(s.min())), max(hi, float(s.max())))
                              for (lo, hi), s in zip(self.score_ranges, scores)]
 
-    def _step(self, loss: torch.Tensor, parts: Sequence[str]) -> None:
-        """Backward (scaled under AMP) and one step of the optimisers of ``parts``."""
+    def _step(self, loss: torch.Tensor | None, parts: Sequence[str]) -> None:
+        """Backward (scaled under AMP; none when ``loss`` is None: a skipped bag of a multi-process run), gradients
+        averaged over the ranks, and one step of the optimisers of ``parts``."""
         use_scaler = self.amp and self.scaler is not None
-        if use_scaler:
+        if loss is not None and use_scaler:
             self.scaler.scale(loss).backward()
-        else:
+        elif loss is not None:
             loss.backward()
+        self._average_gradients(parts)
         for part in parts:
             if use_scaler:
                 self.scaler.step(self.optimizers[part])
@@ -271,6 +317,9 @@ class BagDistillationTrainer(Trainer):
         bag, bag_label = _bag(image, label, exam)
         epoch = engine.state.epoch - 1
         if self.smooth_epochs is not None and epoch > self.smooth_epochs and bag_label.item() == 1.0:
+            if world_size() > 1:  # the other ranks may step on their bags: join their average with zero gradients
+                self._zero_grad(PARTS[:3])
+                self._step(None, PARTS[:3])
             output = {Keys.LOSS: torch.zeros((), device=bag.device), Keys.LABEL: bag_label, "exam_id": exam,
                       "skipped": True}
             engine.state.output = output
@@ -311,6 +360,7 @@ class BagDistillationTrainer(Trainer):
         epoch = engine.state.epoch - 1
         if epoch % self.student_period:
             return
+        self._global_score_ranges()
         if not self.score_ranges or any(not hi > lo for lo, hi in self.score_ranges):
             raise ValueError(f"BagDistillationTrainer: epoch {engine.state.epoch} recorded no usable teacher score "
                              f"range {self.score_ranges} (every bag skipped, or all scores equal); the student "

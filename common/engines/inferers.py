@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from monai.inferers import SimpleInferer
 
-__all__ = ["SummedHeadsInferer", "SelectedHeadInferer"]
+__all__ = ["SummedHeadsInferer", "SelectedHeadInferer", "CAMInferer"]
 
 
 class SummedHeadsInferer(SimpleInferer):
@@ -48,3 +49,25 @@ class SelectedHeadInferer(SimpleInferer):
         if self.upsample and out.shape[2:] != inputs.shape[2:]:
             out = F.interpolate(out, size=inputs.shape[2:], mode="bilinear", align_corners=False)
         return out
+
+
+class CAMInferer(SimpleInferer):
+    """Normalised class activation map of a ToCo network as the prediction, ``[B, 1, H, W]`` in [0, 1].
+
+    EndoKED-WSSS selects its checkpoint on the CAM's Dice against validation masks (the CAM threshold turns the map
+    into a mask; specs/endoked.md §3.4), not on the decoder's, which only starts learning after the warm-up:
+    :func:`~common.transforms.cams.multi_scale_cam` over ``scales`` (with flips), first foreground class, main CAM.
+
+    Args:
+        scales: CAM scales (1.0 alone keeps validation cheap; the pseudo-mask stage uses six).
+    """
+
+    def __init__(self, scales: Sequence[float] = (1.0,)) -> None:
+        super().__init__()
+        self.scales = tuple(scales)
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        from common.transforms.cams import multi_scale_cam
+
+        cam, _ = multi_scale_cam(network, torch.as_tensor(inputs).float(), self.scales)
+        return cam[:, :1]

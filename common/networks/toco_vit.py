@@ -97,6 +97,9 @@ class ToCoViT(nn.Module):
         proj_out_dim: output size of the CTC heads (1024).
         aspp_dilations: dilation rates of the ASPP decoder.
         drop_path_rate: stochastic depth of the encoder (0 in ToCo / EndoKED).
+        dropout: dropout of the encoder's token, attention-projection and MLP outputs (timm's ``drop_rate`` and
+            ``proj_drop_rate``; 0 in ToCo / EndoKED). MONAI Label sets it for epistemic scoring
+            (``network_def#dropout``), which runs the network several times in training mode.
         seg_only: ``forward(x)`` returns the decoder's ``seg [B, K, h, w]`` only, as the released EndoKED forward
             does (``model_seg_neg.py``): what inference, MONAI Label and TorchScript export use. The other modes
             (``cam_only``, ``crops``) are unchanged; the state dict is the same either way.
@@ -125,6 +128,7 @@ class ToCoViT(nn.Module):
         proj_out_dim: int = 1024,
         aspp_dilations: Sequence[int] = (6, 12, 18, 24),
         drop_path_rate: float = 0.0,
+        dropout: float = 0.0,
         seg_only: bool = False,
         pretrained_path: str | os.PathLike | None = None,
     ) -> None:
@@ -156,6 +160,8 @@ class ToCoViT(nn.Module):
             qkv_bias=True,
             norm_layer=partial(nn.LayerNorm, eps=1e-6),
             drop_path_rate=drop_path_rate,
+            drop_rate=dropout,
+            proj_drop_rate=dropout,
             dynamic_img_size=True,
         )
         self.encoder.pos_embed.requires_grad_(False)
