@@ -172,7 +172,7 @@ def test_export_writes_one_csv_per_training_exam_for_the_wsss_stage(trained):
     assert len(list(out.glob("*.csv"))) == N_LABELLED
     with pytest.raises(Exception) as err:
         run_workflow(workflow(trained.root, "train", ["train.json", "export.json"], export_bags="test", **TINY))
-    assert "export_bags must be train, val or all; got 'test'" in error_text(err.value)
+    assert "export_bags must be one of ['all', 'train', 'val'], got 'test'" in error_text(err.value)
 
 
 def test_inference_writes_frame_probabilities(trained):

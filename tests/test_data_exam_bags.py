@@ -401,3 +401,19 @@ def test_demo_arguments(tmp_path):
     (tmp_path / "c" / "mine.txt").write_text("real data")
     with pytest.raises(FileExistsError):
         make_demo_exam_dataset(tmp_path / "c", **DEMO)
+
+
+def test_frame_datalist_ids_keep_the_exam_folder(tmp_path):
+    from common.data.exam_bags import frame_datalist
+
+    for exam in ("a", "b"):
+        (tmp_path / exam).mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / exam / "f0.png")
+    (tmp_path / "a" / "notes.txt").write_text("x")
+    # two frames named f0 in two exams: the ids stay distinct; the text file is not an image
+    assert [d["id"] for d in frame_datalist(tmp_path)] == ["a/f0", "b/f0"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image file"):
+        frame_datalist(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        frame_datalist(tmp_path / "missing")

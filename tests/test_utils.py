@@ -45,3 +45,11 @@ def test_overlay_draws_ground_truth_green_and_prediction_red(tmp_path):
     assert tuple(out[0, 0]) == (128, 128, 128)  # away from both masks the image is unchanged
     with pytest.raises(ValueError, match="does not match"):
         save_overlay(tmp_path / "img.png", gt, pred[:5], tmp_path / "y.png")
+
+
+def test_choose_names_the_id_and_the_choices():
+    from common.utils.config import choose
+
+    assert choose({"a": 1, "b": 2}, "b", "switch") == 2
+    with pytest.raises(ValueError, match=r"switch must be one of \['a', 'b'\], got 'c'"):
+        choose({"a": 1, "b": 2}, "c", "switch")

@@ -75,6 +75,7 @@ __all__ = [
     "exam_report",
     "polyp_free_window",
     "make_exams_from_polyp_sets",
+    "frame_datalist",
 ]
 
 logger = logging.getLogger(__name__)
@@ -563,3 +564,21 @@ def make_exams_from_polyp_sets(
     logger.info("wrote %d exams (%d positive, %d negative) with %d frames (%d with a polyp) to %s", len(exam_rows),
                 n_pos, len(exam_rows) - n_pos, len(instance_rows), sum(v for _, v in instance_rows), out_dir)
     return out_dir
+
+
+def frame_datalist(folder: str | os.PathLike) -> list[dict[str, str]]:
+    """Every image file below ``folder`` (sorted), as ``{"image": path, "id": path relative to folder, without its
+    extension}`` (frame names repeat across exams, so the id keeps the exam folder: ``exam_000/frame_00``).
+
+    Raises:
+        FileNotFoundError: ``folder`` does not exist.
+        ValueError: no image file below it.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    images = sorted(p for p in folder.rglob("*")
+                    if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise ValueError(f"no image file ({', '.join(IMAGE_EXTENSIONS)}) in {folder} or below it")
+    return [{"image": str(p), "id": p.relative_to(folder).with_suffix("").as_posix()} for p in images]

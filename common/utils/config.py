@@ -10,12 +10,13 @@ from __future__ import annotations
 import difflib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 from pathlib import Path
 
 from torch import nn
 
-__all__ = ["check_cli_overrides", "cli_overrides", "compiled"]
+__all__ = ["check_cli_overrides", "cli_overrides", "compiled", "choose"]
 
 # keyword arguments of monai.bundle.scripts.run itself: not config ids
 RUN_ARGUMENTS = {"config_file", "meta_file", "logging_file", "run_id", "init_id", "final_id", "tracking",
@@ -99,3 +100,11 @@ def compiled(module: nn.Module, enabled: bool = True, submodules: Sequence[str] 
     for target in [getattr(module, name) for name in submodules] or [module]:
         target.compile(dynamic=False)
     return module
+
+
+def choose(options: Mapping[str, Any], key: str, name: str) -> Any:
+    """``options[key]``, or a ValueError naming the config id ``name``, the value given and the choices (configs
+    use it for string switches such as ``--export_bags train|val|all``)."""
+    if key not in options:
+        raise ValueError(f"{name} must be one of {sorted(options)}, got {key!r}")
+    return options[key]
