@@ -104,3 +104,20 @@ def test_cam_inferer_returns_the_normalised_main_cam():
     # flip max: max(c, 3 - c) over columns 0..3 = [3, 2, 2, 3]; min-max: (v - 2) / (1 + 1e-5) ~ [1, 0, 0, 1]
     assert out.shape == (1, 1, 4, 4)
     assert torch.allclose(out[0, 0, 0], torch.tensor([1.0, 0.0, 0.0, 1.0]), atol=1e-4)
+
+
+def test_decoder_and_cam_inferer_stacks_the_decoder_logits_and_the_cam():
+    from common.engines.inferers import DecoderAndCAMInferer
+
+    class Toy(torch.nn.Module):
+        def forward(self, x, cam_only=False):
+            if cam_only:
+                cam = torch.arange(4.0).expand(x.shape[0], 1, 4, 4).clone()
+                return -cam, cam
+            return "cls", torch.ones(x.shape[0], 2, 2, 2), "fmap", "cls_aux"
+
+    out = DecoderAndCAMInferer()(torch.zeros(1, 3, 4, 4), Toy())
+    # channels 0-1: the 2x2 decoder map of ones upsampled to 4x4 (still ones); channel 2: the CAM of the ramp
+    # (flip max [3, 2, 2, 3], min-max -> [1, 0, 0, 1])
+    assert out.shape == (1, 3, 4, 4) and torch.equal(out[0, :2], torch.ones(2, 4, 4))
+    assert torch.allclose(out[0, 2, 0], torch.tensor([1.0, 0.0, 0.0, 1.0]), atol=1e-4)

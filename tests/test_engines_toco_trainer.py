@@ -228,3 +228,73 @@ def test_cam_predictor_by_hand():
         cam_predictor(model, size=4)(image.astype(np.float32))
     with pytest.raises(ValueError, match="uint8 RGB"):
         cam_predictor(model, size=4)(image[..., 0])
+
+
+# ------------------------------------------------------------------------------------------------ two processes
+
+DIST_SIZE = 64
+
+
+def _dist_worker(rank: int, store: str, results: dict) -> None:
+    """One ToCo step on rank ``rank`` of a 2-process gloo group: the ranks start from different weights and see
+    different batches; the spy records each rank's own gradient before it is averaged."""
+    import torch.distributed as dist
+    from monai.engines.utils import IterationEvents
+
+    torch.set_num_threads(1)
+    real_average = toco_trainer.average_gradients
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(10 + rank)  # different initial weights on the two ranks
+        network = ToCoViT(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, proj_hidden_dim=32,
+                          proj_bottleneck_dim=16, proj_out_dim=32)
+        before = {k: v.clone() for k, v in network.state_dict().items()}
+        g = torch.Generator().manual_seed(100 + rank)  # different data on the two ranks
+        data = [{"image": torch.randn(3, DIST_SIZE, DIST_SIZE, generator=g),
+                 "image_raw": torch.rand(3, DIST_SIZE, DIST_SIZE, generator=g),
+                 "global_view": torch.randn(3, DIST_SIZE, DIST_SIZE, generator=g),
+                 "local_image": torch.randn(3, DIST_SIZE, DIST_SIZE, generator=g),
+                 "label": torch.tensor([float(i == 0)])} for i in range(2)]
+        local_grads = []
+
+        def spy_average(parameters):
+            parameters = list(parameters)
+            local_grads.append(network.classifier.weight.grad.clone())
+            real_average(parameters)
+
+        toco_trainer.average_gradients = spy_average
+        optimizer = toco_optimizer(network, lr=1e-3)
+        trainer = ToCoTrainer(device=torch.device("cpu"), max_epochs=1, network=network, optimizer=optimizer,
+                              train_data_loader=DataLoader(data, batch_size=2), par=PAR(num_iter=1),
+                              cam_scales=(1.0,), crop_num=2, crop_size=32, crop_margin=16, seed=rank)
+        out = {"before": before}
+        trainer.add_event_handler(Events.STARTED, lambda e: out.update(
+            started={k: v.clone() for k, v in network.state_dict().items()}))
+        trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, lambda e: out.update(
+            grad=network.classifier.weight.grad.clone()))
+        trainer.run()
+        out.update(local_grad=local_grads[0], loss=trainer.state.output["loss"].item(),
+                   after={k: v.clone() for k, v in network.state_dict().items()})
+        results[rank] = out
+    finally:
+        toco_trainer.average_gradients = real_average
+        dist.destroy_process_group()
+
+
+def test_two_processes_start_from_rank0_and_step_with_averaged_gradients(tmp_path):
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_dist_worker, args=(str(tmp_path / "store"), results), nprocs=2, join=True)
+    r0, r1 = results[0], results[1]
+    key = "classifier.weight"
+    assert not torch.equal(r0["before"][key], r1["before"][key])  # seeds 10 and 11: different initial weights
+    for name, value in r0["before"].items():  # at STARTED both ranks hold rank 0's initial weights
+        assert torch.equal(r0["started"][name], value) and torch.equal(r1["started"][name], value), name
+    assert r0["loss"] != r1["loss"] and not torch.equal(r0["local_grad"], r1["local_grad"])  # different batches
+    # the gradient the optimiser uses is the mean of the two local ones, g = (g_0 + g_1) / 2, on both ranks
+    mean = (r0["local_grad"] + r1["local_grad"]) / 2
+    assert torch.allclose(r0["grad"], mean, atol=1e-7) and torch.allclose(r1["grad"], mean, atol=1e-7)
+    for name, value in r0["after"].items():  # same start, same gradients, same step: the ranks stay equal
+        assert torch.equal(r1["after"][name], value), name
+    assert not torch.equal(r0["after"][key], r0["before"][key])  # and the step did change the weights

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import SimpleInferer
 
-__all__ = ["SummedHeadsInferer", "SelectedHeadInferer", "CAMInferer"]
+__all__ = ["SummedHeadsInferer", "SelectedHeadInferer", "CAMInferer", "DecoderAndCAMInferer"]
 
 
 class SummedHeadsInferer(SimpleInferer):
@@ -71,3 +71,22 @@ class CAMInferer(SimpleInferer):
 
         cam, _ = multi_scale_cam(network, torch.as_tensor(inputs).float(), self.scales)
         return cam[:, :1]
+
+
+class DecoderAndCAMInferer(SimpleInferer):
+    """Both predictions of a ToCo network in one tensor, ``[B, K + 1, H, W]``: the decoder's ``K`` class logits
+    (upsampled, as :class:`SelectedHeadInferer`) then the normalised main CAM (as :class:`CAMInferer`).
+
+    WSSS validation scores both from one pass over the frames: the CAM (what the pseudo masks come from, and what
+    selects the checkpoint) and the decoder (which only learns after the warm-up). The network is a
+    :class:`~common.networks.toco_vit.ToCoViT` in its full forward mode.
+    """
+
+    def __init__(self, cam_scales: Sequence[float] = (1.0,)) -> None:
+        super().__init__()
+        self.decoder = SelectedHeadInferer(index=1)
+        self.cam = CAMInferer(cam_scales)
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        seg = self.decoder(inputs, network, *args, **kwargs)
+        return torch.cat([seg.float(), self.cam(inputs, network)], dim=1)

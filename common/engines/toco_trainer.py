@@ -17,7 +17,14 @@ ignite iteration is one step of the original loop, with the 0-based counter ``n 
    ``L_ptc`` on the tokens of ``fmap`` with labels from ``A_aux`` resized to the token grid (``ignore_mid``);
    ``L_ctc`` from ``out_t, out_s`` and the crop flags; ``Y`` = PAR-refined labels (0 / 1 / 255) of the aux CAM
    while ``n < aux_to_main_iter``, of the main CAM afterwards; ``seg`` is upsampled bilinearly to ``Y``;
-5. backward (``GradScaler`` under AMP on CUDA), optimiser step, learning-rate scheduler step.
+5. backward (``GradScaler`` under AMP on CUDA), gradients averaged over the ranks of a multi-process run, optimiser
+   step, learning-rate scheduler step.
+
+Multi-process runs (``torch.distributed`` initialised, e.g. under ``torchrun``) keep the network unwrapped (no DDP,
+so that ``state_dict`` keys and the ``cam_only`` / ``crops`` forward modes stay as they are): every rank starts from
+rank 0's parameters and buffers (broadcast when the run starts) and every step uses the gradients averaged over
+the ranks, ``g <- (1 / R) sum_r g_r`` (:func:`common.utils.distributed.average_gradients`), so the ranks stay in
+step as with DDP. In a single process both are no-ops.
 
 Batches are dictionaries of tensors (``common/transforms/toco_views.py``): ``"image"`` ``[B, 3, S, S]`` normalised
 main view, ``"image_raw"`` the same crop in [0, 1] (PAR's input), ``"global_view"`` and ``"local_image"``
@@ -32,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils import convert_to_tensor
@@ -49,6 +57,7 @@ from common.transforms.cams import (
     refine_cams_with_par,
     valid_cam,
 )
+from common.utils.distributed import average_gradients, broadcast_from_rank0
 
 __all__ = ["PSEUDO_LABEL_CAM_SCALES", "TRAIN_CAM_SCALES", "ToCoTrainer", "cam_predictor"]
 
@@ -141,6 +150,11 @@ class ToCoTrainer(SupervisedTrainer):
         self.ptc_loss = PTCLoss()
         self.ctc_loss = CTCLoss(temperature)
         self.dice_loss = TwoClassDiceLoss()
+        self.add_event_handler(Events.STARTED, self._broadcast_parameters)
+
+    def _broadcast_parameters(self, engine: ToCoTrainer) -> None:
+        """Multi-process runs: every rank starts from rank 0's parameters and buffers (a no-op in one process)."""
+        broadcast_from_rank0([*engine.network.parameters(), *engine.network.buffers()])
 
     def _extra(self, engine: ToCoTrainer, batchdata: dict[str, Any], key: str, shape: torch.Size) -> torch.Tensor:
         if key not in batchdata:
@@ -223,6 +237,7 @@ class ToCoTrainer(SupervisedTrainer):
             engine.scaler.scale(loss).backward()
         else:
             loss.backward()
+        average_gradients(network.parameters())  # (scaled) gradients averaged over the ranks; no-op in one process
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if use_scaler:
             engine.scaler.step(engine.optimizer)

@@ -1,6 +1,7 @@
 """Ignite handlers: training-state checkpoints and evaluation reports."""
 
-from . import class_probability_writer, label_budget_report, organ_report, polyp_report, training_state
+from . import (checkpoint_saver, class_probability_writer, epoch_seed, label_budget_report, organ_report, polyp_report,
+               training_state, wsss_report)
 from .class_probability_writer import ClassProbabilityWriter
 from .label_budget_report import LabelBudgetReport
 from .organ_report import OrganEvaluationReport

@@ -185,7 +185,7 @@ class ToCoViT(nn.Module):
     def _position_embedding(self, h: int, w: int) -> torch.Tensor:
         """The stored ``[1, 1 + g*g, D]`` embedding with its patch part resized bicubically to ``h x w``."""
         pos = self.encoder.pos_embed
-        grid = int(round((pos.shape[1] - 1) ** 0.5))
+        grid = int(round(int(pos.shape[1] - 1) ** 0.5))  # int(): a traced shape is a tensor
         if (h, w) == (grid, grid):
             return pos
         patch_pos = pos[:, 1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
