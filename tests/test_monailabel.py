@@ -204,6 +204,24 @@ DHC_TINY = {"n_filters": 4, "num_workers": 0, "spatial_size": [20, 40, 40], "pat
             "strides": [4, 8, 8], "a_min": 0.0, "a_max": 255.0}
 
 
+def wsss_reference_mask(image: Path, network: torch.nn.Module, ids: dict[str, Any]) -> np.ndarray:
+    """The WSSS bundle's inference on a PIL image read as numpy ``(H, W, 3)``, with no MONAI transform.
+
+    ``x = normalise_ImageNet(resize(rgb / 255, s x s))`` (bilinear; the per-channel affine normalisation commutes
+    with the resize), decoder logits ``z = net(x)`` ``[1, 2, s/16, s/16]`` upsampled to ``s x s`` (the inferer) and
+    then to ``(H, W)`` (bilinear, as ``Invertd`` with ``nearest_interp: false``), mask ``= argmax_c z``, as uint8.
+    """
+    with Image.open(image) as src:
+        rgb = np.asarray(src.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+    x = F.interpolate(torch.from_numpy(rgb).permute(2, 0, 1)[None], size=(ids["image_size"],) * 2, mode="bilinear")
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = network.eval()((x - mean) / std)
+    logits = F.interpolate(F.interpolate(logits, size=x.shape[2:], mode="bilinear"), size=rgb.shape[:2], mode="bilinear")
+    return logits[0].argmax(0).numpy().astype(np.uint8)
+
+
+WSSS_TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "num_workers": 0}
 POLYP_TINY = {"backbone": "pvt_v2_b0", "image_size": 64, "num_workers": 0}
 CASES = {
     "endoked_polyp_segmentation": Case(
@@ -214,6 +232,17 @@ CASES = {
         # per pixel -p ln p of the mean of the binary masks, where MONAI Label lifts 0 to 5e-5: runs that all
         # agree give at most 5e-5 * ln(2e4) = 5e-5 * 9.90 = 4.95e-4, so more means the dropout runs disagreed;
         # -p ln p is at most 1/e = 0.368 (at p = 1/e)
+        score_bounds=(4.95e-4, 0.368),
+    ),
+    "endoked_polyp_wsss_segmentation": Case(
+        tiny={"inference.json": {**WSSS_TINY, "image_size": 64},
+              "train.json": {**WSSS_TINY, "crop_size": 64, "resize": 80, "iterations": 2, "val_interval": 2,
+                             "warmup_iters": 1, "seg_warmup_iters": 1, "aux_to_main_iter": 2, "batch_size": 2,
+                             "progress_bar": False}},
+        labels={"polyp": 1}, dimension=2, data="polyp", pairs=kvasir_pairs, saved_scale=255,
+        reference=wsss_reference_mask, shape=pil_shape, read_mask=pil_mask, check_result=check_png_result,
+        result_extension=".png", extensions=["*.jpg", "*.png"], write_bad_label=write_bad_png,
+        # as for the polyp bundle: binary masks, MONAI Label's dropout runs (ViT token/projection dropout) disagree
         score_bounds=(4.95e-4, 0.368),
     ),
     "dhc_abdomen_ct_segmentation": Case(
@@ -431,13 +460,19 @@ class ClassificationCase:
     Attributes:
         tiny: config file name -> {top-level id: value} written into the temporary copy.
         data: folder of the shared data (``conftest.require_data``).
-        subset: ``(data folder, destination) -> dataset folder``: a small labelled dataset in the bundle's layout,
-            on which the copy's evaluation fits the classifier that inference serves.
+        subset: ``(data folder, destination) -> dataset folder``: a small dataset in the bundle's layout, with its
+            images in ``images/``.
+        fit_evaluate: run the copy's ``evaluate.json`` on the subset before serving (Sparsam fits the classifier
+            that inference serves there); otherwise the random-init ``model.pt`` alone is served.
+        inference_dir: ``dataset folder -> the dataset_dir of the bundle's own inference.json`` whose prediction
+            ids are the image stems.
     """
 
     tiny: dict[str, dict[str, Any]]
     data: str
     subset: Callable[[Path, Path], Path]
+    fit_evaluate: bool = True
+    inference_dir: Callable[[Path], Path] = lambda dataset: dataset
 
 
 def wbc_subset(root: Path, dest: Path, per_class: int = 6) -> Path:
@@ -458,9 +493,21 @@ def wbc_subset(root: Path, dest: Path, per_class: int = 6) -> Path:
     return dest
 
 
+def kvasir_frames(root: Path, dest: Path, count: int = 6) -> Path:
+    """``count`` real Kvasir frames in ``dest/images`` (the MIL bundle classifies single frames)."""
+    (dest / "images").mkdir(parents=True)
+    for image in sorted((root / "Kvasir" / "images").glob("*.jpg"))[:count]:
+        shutil.copy(image, dest / "images")
+    return dest
+
+
 SPARSAM_TINY = {"backbone_kwargs": {"embed_dim": 48, "depth": 2, "num_heads": 4, "cls_attn_layers": 1},
                 "image_resolution": 32, "num_workers": 0}
 CLASSIFICATION_CASES = {
+    "endoked_report_mil_classification": ClassificationCase(
+        tiny={"inference.json": {"image_size": 64, "num_workers": 0}}, data="polyp", subset=kvasir_frames,
+        fit_evaluate=False, inference_dir=lambda dataset: dataset / "images",
+    ),
     "sparsam_dino_classification": ClassificationCase(
         tiny={"inference.json": SPARSAM_TINY, "evaluate.json": {**SPARSAM_TINY, "budgets": [1], "n_draws": 1}},
         data="wbc", subset=wbc_subset,
@@ -478,8 +525,11 @@ def classification_case(request) -> tuple[str, ClassificationCase]:
 
 
 def serve_classifier(name: str, spec: ClassificationCase, dataset: Path, dest: Path) -> Path:
-    """A shrunk copy with random-init backbone weights and the classifier its own evaluation fits on ``dataset``."""
+    """A shrunk copy with random-init weights and, where the case fits one, the classifier its own evaluation fits on
+    ``dataset``."""
     served = serve_copy(name, spec.tiny, dest)
+    if not spec.fit_evaluate:
+        return served.root
     wf = ConfigWorkflow(config_file=str(served.root / "configs" / "evaluate.json"),
                         meta_file=str(served.root / "configs" / "metadata.json"), logging_file=False,
                         workflow_type="infer", bundle_root=str(served.root), dataset_dir=str(dataset))
@@ -513,7 +563,7 @@ def test_classification_infer_task_matches_the_bundle(classification_case, tmp_p
     assert task.is_valid()
     assert (task.type, task.dimension) == ("classification", 2)
 
-    own = own_probabilities(root, dataset, tmp_path / "own")
+    own = own_probabilities(root, spec.inference_dir(dataset), tmp_path / "own")
     n_classes = len(next(iter(own.values())))
     images = sorted((dataset / "images").iterdir())
     assert len(own) == len(images) and n_classes >= 2
