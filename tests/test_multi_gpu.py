@@ -29,24 +29,35 @@ pytestmark = pytest.mark.slow
 XCIT_TINY = {"embed_dim": 48, "depth": 2, "num_heads": 4, "cls_attn_layers": 1}
 EPOCHS = 2
 # top-level ids that shrink each bundle to seconds per epoch on a CPU (as in the bundles' own tests)
+# (EPOCHS epochs each; the WSSS bundle counts iterations: 2 epochs of val_interval iterations)
 TINY: dict[str, dict] = {
-    "endoked_polyp_segmentation": {"backbone": "pvt_v2_b0", "image_size": 64, "batch_size": 4},
-    "dhc_abdomen_ct_segmentation": {"n_filters": 4},
-    "sparsam_dino_classification": {"backbone_kwargs": XCIT_TINY, "image_resolution": 32, "local_size": 16,
-                                    "n_local": 2, "head_out_dim": 128, "head_hidden_dim": 64,
+    "endoked_polyp_segmentation": {"epochs": EPOCHS, "backbone": "pvt_v2_b0", "image_size": 64, "batch_size": 4},
+    "dhc_abdomen_ct_segmentation": {"epochs": EPOCHS, "n_filters": 4},
+    "sparsam_dino_classification": {"epochs": EPOCHS, "backbone_kwargs": XCIT_TINY, "image_resolution": 32,
+                                    "local_size": 16, "n_local": 2, "head_out_dim": 128, "head_hidden_dim": 64,
                                     "head_bottleneck_dim": 16, "batch_size": 8},
+    "endoked_report_mil_classification": {"epochs": EPOCHS, "image_size": 32, "instance_batch_size": 8},
+    "endoked_polyp_wsss_segmentation": {"iterations": 2 * EPOCHS, "val_interval": 2, "embed_dim": 32, "depth": 2,
+                                        "num_heads": 2, "crop_size": 64, "resize": 80, "warmup_iters": 1,
+                                        "seg_warmup_iters": 1, "aux_to_main_iter": 2, "batch_size": 2},
 }
 # the modules whose weights the probe saves: before training (the raw modules) and after it (as trained)
 INITIAL = {"endoked_polyp_segmentation": {"network": "@network_def"},
+           "endoked_report_mil_classification": {"network": "@network_def"},
+           "endoked_polyp_wsss_segmentation": {"network": "@network_def"},
            "dhc_abdomen_ct_segmentation": {"network": "@network_def"},
            "sparsam_dino_classification": {"network": "@network_def", "teacher": "@teacher_def"}}
 TRAINED = {"endoked_polyp_segmentation": {"network": "@network"},
+           "endoked_report_mil_classification": {"network": "@network"},
+           "endoked_polyp_wsss_segmentation": {"network": "@network"},
            "dhc_abdomen_ct_segmentation": {"network": "@network"},
            "sparsam_dino_classification": {"network": "@network", "teacher": "@teacher"}}
 TRAINER = {"endoked_polyp_segmentation": "MultiScaleTrainer", "dhc_abdomen_ct_segmentation": "CoTrainingTrainer",
-           "sparsam_dino_classification": "StudentTeacherTrainer"}
+           "sparsam_dino_classification": "StudentTeacherTrainer",
+           "endoked_report_mil_classification": "BagDistillationTrainer", "endoked_polyp_wsss_segmentation": "ToCoTrainer"}
 KEY_METRIC = {"endoked_polyp_segmentation": "train_loss", "dhc_abdomen_ct_segmentation": "train_loss",
-              "sparsam_dino_classification": "dino_loss"}
+              "sparsam_dino_classification": "dino_loss", "endoked_report_mil_classification": "student_loss",
+              "endoked_polyp_wsss_segmentation": "train_loss"}
 EPOCH_METRICS = re.compile(r"Epoch\[\d+\] Metrics")
 CHECKPOINT_LINE = re.compile(r"(?i)\bsav(?:ed|ing)\b.*checkpoint")
 
@@ -71,7 +82,7 @@ def torchrun(bundle: str, root: Path) -> tuple[subprocess.CompletedProcess, Path
     probe_dir.mkdir(parents=True)
     probe = root / "probe.json"
     probe.write_text(json.dumps(probe_config(bundle, probe_dir), indent=1))
-    overrides = {"epochs": EPOCHS, "num_workers": 0, "progress_bar": False, **TINY[bundle]}
+    overrides = {"num_workers": 0, "progress_bar": False, **TINY[bundle]}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
            "--log-dir", str(root / "logs"), "--redirects", "3",
            "-m", "monai.bundle", "run",
