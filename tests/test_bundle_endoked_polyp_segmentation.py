@@ -292,3 +292,24 @@ def test_rounds_without_pseudo_labels_says_what_to_pass(tmp_path):
     with pytest.raises(Exception) as err:
         wf.run()
     assert "--pseudo_labels" in error_text(err.value)
+
+
+def test_rounds_stop_when_a_round_accepts_nothing(tmp_path, monkeypatch):
+    """A round whose predictions all fail the box filter ends the loop (with its row written) instead of failing
+    the next round's training on an empty list; a round 0 without any mask is refused up front."""
+    from common.engines import pseudo_label_rounds
+    from common.networks.box_refiners import make_box_refiner
+
+    _, round0 = _oracle_round0(tmp_path)
+    blank = lambda network, *args: (lambda image: np.zeros(image.shape[:2], np.float32))  # noqa: E731
+    monkeypatch.setattr(pseudo_label_rounds, "polyp_pvt_prob_fn", blank)  # every map empty: "no foreground"
+    trained = []
+    rows = pseudo_label_rounds.run_rounds(round0, 3, tmp_path / "rounds",
+                                          lambda overrides: trained.append(overrides) or torch.nn.Identity(),
+                                          make_box_refiner("threshold"))
+    assert [r["round"] for r in rows] == [0, 1] and rows[1]["accepted"] == 0 and len(trained) == 1
+    empty = tmp_path / "empty"
+    shutil.copytree(tmp_path / "rounds" / "round_1" / "pseudo_masks", empty)
+    with pytest.raises(ValueError, match="no accepted pseudo mask"):
+        pseudo_label_rounds.run_rounds(empty, 1, tmp_path / "again", lambda overrides: None,
+                                       make_box_refiner("threshold"))

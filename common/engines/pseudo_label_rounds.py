@@ -201,7 +201,11 @@ def run_rounds(
         overlay_count: overlay figures per round.
 
     Returns:
-        one row per round (round 0 = the starting masks) as written to ``rounds.csv``.
+        one row per round (round 0 = the starting masks) as written to ``rounds.csv``; the loop stops early, with a
+        warning, after a round that accepts no frame.
+
+    Raises:
+        ValueError: no ``pseudo_labels``, ``rounds < 1``, or a round-0 folder without any accepted mask.
     """
     if pseudo_labels is None:
         raise ValueError("pseudo_labels is not set: pass --pseudo_labels <folder>, the output of the WSSS bundle's "
@@ -214,6 +218,9 @@ def run_rounds(
     images = candidate_images(current)
     gt = {image: str(gt_paths[image]) for image in images if gt_paths and image in gt_paths}
     n_accepted = sum(1 for _ in open(current / "filtered.csv")) - 1
+    if n_accepted == 0:
+        raise ValueError(f"round 0 ({current}) has no accepted pseudo mask (every frame failed the box filter, see "
+                         "rejected.csv): nothing to train Polyp-PVT on")
     dice0, n_dice0 = _dice_of(current)
     rows = [{"round": 0, "accepted": n_accepted, "images": len(images), "coverage": f"{n_accepted / len(images):.4f}",
              "pseudo_mask_dice": "" if dice0 is None else f"{dice0:.4f}", "dice_images": n_dice0,
@@ -231,8 +238,12 @@ def run_rounds(
                                        overlay_count=overlay_count, progress=False)
         rows.append(_row(k, result))
         logger.info("round %d/%d: %d of %d accepted, pseudo-mask Dice %s", k, rounds, result.n_accepted,
-                    result.n_images, rows[-1]["pseudo_mask_dice"] or "n/a (no ground truth)")
+                    result.n_images, rows[-1]["pseudo_mask_dice"] or ("n/a (no ground truth)" if not gt else "n/a (no accepted frame)"))
         write_csv(output_dir / "rounds.csv", ROUND_COLUMNS, rows)
         _plot_rounds(rows, output_dir / "rounds.png")
+        if result.n_accepted == 0 and k < rounds:
+            logger.warning("round %d accepted no frame (see %s): stopping before round %d, nothing to train on", k,
+                           result.rejected_csv, k + 1)
+            break
         current = result.out_dir
     return rows
