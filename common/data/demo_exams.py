@@ -25,7 +25,7 @@ Exams (EndoKED, Wang et al., arXiv:2310.11173, §1 of specs/endoked.md: one exam
   a report labeller should leave out; the first has polyp frames, the next none, alternating.
 
 Exam order is a seeded shuffle. Frames are drawn by the demo polyp renderer
-(:py:mod:`common.data.demo_polyps`, ``_render_frame``) at twice the frame size, with smaller polyps, and cut to
+(:py:mod:`common.data.demo_polyps`, ``render_frame``) at twice the frame size, with smaller polyps, and cut to
 the frame size ``(h, w)``: a polyp frame is a window that holds the whole polyp mask (a random one among
 those that do); a polyp-free frame is a window inside :func:`common.data.exam_bags.polyp_free_window` of the
 rendered mask (at least half the side), so polyp and polyp-free frames share scale, texture and lighting and
@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .demo_polyps import JPEG_QUALITY, _render_frame, _Style
+from .demo_polyps import JPEG_QUALITY, render_frame, FrameStyle
 from .exam_bags import EXAMS_DIR, INSTANCE_LABELS_CSV, MASKS_DIR, REPORTS_CSV, exam_report, polyp_free_window
 from .generated import ensure_generated
 
@@ -51,7 +51,7 @@ __all__ = ["make_demo_exam_dataset", "ensure_demo_exam_dataset"]
 
 GENERATOR_VERSION = 1
 _MAX_RENDERS = 50
-_EXAM_STYLE = _Style(semi_axis=(0.05, 0.11), height=(0.6, 1.0), tint=1.0, light=(1.0, 1.0, 1.0), vignette=0.35,
+_EXAM_STYLE = FrameStyle(semi_axis=(0.05, 0.11), height=(0.6, 1.0), tint=1.0, light=(1.0, 1.0, 1.0), vignette=0.35,
                      gain=1.0)
 """Polyp semi-axis as a fraction of the doubled render width: 10-22 % of a frame's width."""
 
@@ -61,7 +61,7 @@ def _render_window(rng: np.random.Generator, size: tuple[int, int], polyp: bool)
     uint8, mask 0/255 (all zero when ``polyp`` is False)."""
     h, w = size
     for _ in range(_MAX_RENDERS):
-        rgb, mask = _render_frame(rng, 2 * h, 2 * w, _EXAM_STYLE)
+        rgb, mask = render_frame(rng, 2 * h, 2 * w, _EXAM_STYLE)
         if polyp:
             ys, xs = np.nonzero(mask)
             if not len(ys):

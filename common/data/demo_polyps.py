@@ -50,7 +50,8 @@ from PIL import Image
 
 from .generated import ensure_generated
 
-__all__ = ["make_demo_polyp_dataset", "ensure_demo_polyp_dataset", "DEMO_TEST_SETS"]
+__all__ = ["make_demo_polyp_dataset", "ensure_demo_polyp_dataset", "DEMO_TEST_SETS", "FrameStyle", "render_frame",
+           "JPEG_QUALITY"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ JPEG_QUALITY = 90
 
 
 @dataclass(frozen=True)
-class _Style:
+class FrameStyle:
     """Appearance of one set: polyp size/height ranges (fractions of the width) and lighting."""
 
     semi_axis: tuple[float, float]  # range of the major semi-axis a / W
@@ -71,10 +72,10 @@ class _Style:
     gain: float  # overall brightness
 
 
-_STYLES: dict[str, _Style] = {
-    "TrainDataset": _Style((0.07, 0.17), (0.6, 1.0), 1.0, (1.0, 1.0, 1.0), 0.35, 1.0),
-    "SynthA": _Style((0.07, 0.17), (0.6, 1.0), 1.0, (1.06, 0.97, 0.9), 0.5, 1.1),
-    "SynthB": _Style((0.04, 0.10), (0.25, 0.5), 0.6, (0.94, 1.0, 1.08), 0.3, 0.95),
+_STYLES: dict[str, FrameStyle] = {
+    "TrainDataset": FrameStyle((0.07, 0.17), (0.6, 1.0), 1.0, (1.0, 1.0, 1.0), 0.35, 1.0),
+    "SynthA": FrameStyle((0.07, 0.17), (0.6, 1.0), 1.0, (1.06, 0.97, 0.9), 0.5, 1.1),
+    "SynthB": FrameStyle((0.04, 0.10), (0.25, 0.5), 0.6, (0.94, 1.0, 1.08), 0.3, 0.95),
 }
 
 
@@ -95,7 +96,7 @@ def _smoothstep(x: np.ndarray) -> np.ndarray:
     return x * x * (3.0 - 2.0 * x)
 
 
-def _render_frame(rng: np.random.Generator, h: int, w: int, style: _Style) -> tuple[np.ndarray, np.ndarray]:
+def render_frame(rng: np.random.Generator, h: int, w: int, style: FrameStyle) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic frame: ``(rgb uint8 (h, w, 3), mask uint8 (h, w) in {0, 255})`` (module docstring)."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / w  # isotropic coordinates, x in [0, 1)
     cx_frame, cy_frame = 0.5, 0.5 * h / w
@@ -163,13 +164,13 @@ def _render_frame(rng: np.random.Generator, h: int, w: int, style: _Style) -> tu
     return (rgb * 255.0 + 0.5).astype(np.uint8), mask.astype(np.uint8) * 255
 
 
-def _write_set(folder: Path, rng: np.random.Generator, n: int, size: tuple[int, int], style: _Style) -> list[str]:
+def _write_set(folder: Path, rng: np.random.Generator, n: int, size: tuple[int, int], style: FrameStyle) -> list[str]:
     """Write ``n`` frames into ``folder/{images,masks}``; returns the written paths relative to ``folder``."""
     (folder / "images").mkdir(parents=True)
     (folder / "masks").mkdir()
     written = []
     for i in range(n):
-        rgb, mask = _render_frame(rng, size[0], size[1], style)
+        rgb, mask = render_frame(rng, size[0], size[1], style)
         name = f"{i:04d}"
         Image.fromarray(rgb).save(folder / "images" / f"{name}.jpg", quality=JPEG_QUALITY)
         Image.fromarray(mask).save(folder / "masks" / f"{name}.png")

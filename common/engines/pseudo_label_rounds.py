@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from common.engines.pseudo_masks import PseudoMaskResult, generate_pseudo_masks
 from common.networks.box_refiners import BoxRefiner
@@ -44,8 +45,6 @@ __all__ = ["polyp_pvt_prob_fn", "candidate_images", "bundle_trainer", "run_round
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 ROUND_COLUMNS = ("round", "accepted", "images", "coverage", "pseudo_mask_dice", "dice_images", "pseudo_masks")
 
 
@@ -59,8 +58,8 @@ def polyp_pvt_prob_fn(network: torch.nn.Module, image_size: int = 352, normalize
     threshold are left to :func:`~common.engines.pseudo_masks.generate_pseudo_masks`.
     """
     device = torch.device(device)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
 
     @torch.no_grad()
     def prob(image: np.ndarray) -> np.ndarray:

@@ -39,13 +39,12 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
 from monai.utils import ImageMetaKey, convert_to_tensor
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ToCoViewsd"]
+__all__ = ["ToCoViewsd"]
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -118,8 +117,8 @@ class ToCoViewsd(MapTransform, Randomizable):
         local_blur_prob: float = 0.5,
         blur_sigma: Sequence[float] = (0.1, 2.0),
         solarize_prob: float = 0.2,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
         faithful_local_view: bool = False,
         raw_key: str = "image_raw",
         global_key: str = "global_view",
