@@ -13,6 +13,7 @@ from ignite.engine import Events
 from torch import nn
 from torch.utils.data import DataLoader
 
+import common.engines.optimiser_step as optimiser_step
 import common.engines.toco_trainer as toco_trainer
 from common.engines.toco_trainer import ToCoTrainer, cam_predictor
 from common.networks.par import PAR
@@ -242,7 +243,7 @@ def _dist_worker(rank: int, store: str, results: dict) -> None:
     from monai.engines.utils import IterationEvents
 
     torch.set_num_threads(1)
-    real_average = toco_trainer.average_gradients
+    real_average = optimiser_step.average_gradients
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         torch.manual_seed(10 + rank)  # different initial weights on the two ranks
@@ -262,7 +263,7 @@ def _dist_worker(rank: int, store: str, results: dict) -> None:
             local_grads.append(network.classifier.weight.grad.clone())
             real_average(parameters)
 
-        toco_trainer.average_gradients = spy_average
+        optimiser_step.average_gradients = spy_average
         optimizer = toco_optimizer(network, lr=1e-3)
         trainer = ToCoTrainer(device=torch.device("cpu"), max_epochs=1, network=network, optimizer=optimizer,
                               train_data_loader=DataLoader(data, batch_size=2), par=PAR(num_iter=1),
@@ -277,7 +278,7 @@ def _dist_worker(rank: int, store: str, results: dict) -> None:
                    after={k: v.clone() for k, v in network.state_dict().items()})
         results[rank] = out
     finally:
-        toco_trainer.average_gradients = real_average
+        optimiser_step.average_gradients = real_average
         dist.destroy_process_group()
 
 

@@ -38,7 +38,7 @@ import nibabel as nib
 from monai.bundle import ConfigParser, ConfigWorkflow
 from PIL import Image
 
-from conftest import REPO_ROOT, error_text, require_data
+from conftest import REPO_ROOT, data_root, error_text, require_data
 
 try:
     from monailabel.config import settings
@@ -222,6 +222,13 @@ def wsss_reference_mask(image: Path, network: torch.nn.Module, ids: dict[str, An
 
 
 WSSS_TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "num_workers": 0}
+# the few-shot bundle segments what its support set shows: a real Kvasir frame (the last one, never the query) and the
+# polyp description; its network is primed with them, so the WSSS reference (one 2-class forward) applies as is
+_KVASIR_LAST = sorted((data_root() / "polyp" / "Kvasir" / "images").glob("*.jpg"))[-1:]
+CDTG_TINY = {"image_size": 64, "backbone_layers": [1, 1, 1, 1], "backbone_widths": [4, 8, 8, 16], "num_workers": 0,
+             "descriptions": "$[common.data.category_text.prompt_file('polyp')]"}
+CDTG_INFER = {**CDTG_TINY, "support_class": "polyp", "support_names": [f"Kvasir_{p.stem}" for p in _KVASIR_LAST],
+              "support_source": {"kind": "polyp", "root": str(data_root() / "polyp"), "sets": ["Kvasir"]}}
 POLYP_TINY = {"backbone": "pvt_v2_b0", "image_size": 64, "num_workers": 0}
 CASES = {
     "endoked_polyp_segmentation": Case(
@@ -243,6 +250,15 @@ CASES = {
         reference=wsss_reference_mask, shape=pil_shape, read_mask=pil_mask, check_result=check_png_result,
         result_extension=".png", extensions=["*.jpg", "*.png"], write_bad_label=write_bad_png,
         # as for the polyp bundle: binary masks, MONAI Label's dropout runs (ViT token/projection dropout) disagree
+        score_bounds=(4.95e-4, 0.368),
+    ),
+    "cdtg_fewshot_segmentation": Case(
+        tiny={"inference.json": CDTG_INFER,
+              "train.json": {**CDTG_TINY, "datalist_class": "polyp", "batch_size": 2, "progress_bar": False}},
+        labels={"foreground": 1}, dimension=2, data="polyp", pairs=kvasir_pairs, saved_scale=255,
+        reference=wsss_reference_mask, shape=pil_shape, read_mask=pil_mask, check_result=check_png_result,
+        result_extension=".png", extensions=["*.jpg", "*.png"], write_bad_label=write_bad_png,
+        # binary masks, as for the polyp bundles: MONAI Label's dropout runs (dropout on the hypercorrelations)
         score_bounds=(4.95e-4, 0.368),
     ),
     "dhc_abdomen_ct_segmentation": Case(
@@ -303,7 +319,7 @@ def serve_copy(name: str, tiny: dict[str, dict[str, Any]], dest: Path) -> Served
     parser["bundle_root"] = str(dest)
     torch.manual_seed(0)
     network = parser.get_parsed_content("network_def")
-    (dest / "models").mkdir()
+    (dest / "models").mkdir(exist_ok=True)  # building the network may already cache derived files there (CD-TG texts)
     torch.save(network.state_dict(), dest / "models" / "model.pt")  # a plain state dict, as training saves it
     return Served(dest, network)
 

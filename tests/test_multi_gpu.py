@@ -40,24 +40,29 @@ TINY: dict[str, dict] = {
     "endoked_polyp_wsss_segmentation": {"iterations": 2 * EPOCHS, "val_interval": 2, "embed_dim": 32, "depth": 2,
                                         "num_heads": 2, "crop_size": 64, "resize": 80, "warmup_iters": 1,
                                         "seg_warmup_iters": 1, "aux_to_main_iter": 2, "batch_size": 2},
+    "cdtg_fewshot_segmentation": {"epochs": EPOCHS, "image_size": 64, "backbone_layers": [1, 1, 1, 1],
+                                  "backbone_widths": [4, 8, 8, 16], "batch_size": 4},
 }
 # the modules whose weights the probe saves: before training (the raw modules) and after it (as trained)
 INITIAL = {"endoked_polyp_segmentation": {"network": "@network_def"},
            "endoked_report_mil_classification": {"network": "@network_def"},
            "endoked_polyp_wsss_segmentation": {"network": "@network_def"},
            "dhc_abdomen_ct_segmentation": {"network": "@network_def"},
+           "cdtg_fewshot_segmentation": {"network": "@network_def"},
            "sparsam_dino_classification": {"network": "@network_def", "teacher": "@teacher_def"}}
 TRAINED = {"endoked_polyp_segmentation": {"network": "@network"},
            "endoked_report_mil_classification": {"network": "@network"},
            "endoked_polyp_wsss_segmentation": {"network": "@network"},
            "dhc_abdomen_ct_segmentation": {"network": "@network"},
+           "cdtg_fewshot_segmentation": {"network": "@network"},
            "sparsam_dino_classification": {"network": "@network", "teacher": "@teacher"}}
 TRAINER = {"endoked_polyp_segmentation": "MultiScaleTrainer", "dhc_abdomen_ct_segmentation": "CoTrainingTrainer",
            "sparsam_dino_classification": "StudentTeacherTrainer",
-           "endoked_report_mil_classification": "BagDistillationTrainer", "endoked_polyp_wsss_segmentation": "ToCoTrainer"}
+           "endoked_report_mil_classification": "BagDistillationTrainer", "endoked_polyp_wsss_segmentation": "ToCoTrainer",
+           "cdtg_fewshot_segmentation": "EpisodicTrainer"}
 KEY_METRIC = {"endoked_polyp_segmentation": "train_loss", "dhc_abdomen_ct_segmentation": "train_loss",
               "sparsam_dino_classification": "dino_loss", "endoked_report_mil_classification": "student_loss",
-              "endoked_polyp_wsss_segmentation": "train_loss"}
+              "endoked_polyp_wsss_segmentation": "train_loss", "cdtg_fewshot_segmentation": "train_miou"}
 EPOCH_METRICS = re.compile(r"Epoch\[\d+\] Metrics")
 CHECKPOINT_LINE = re.compile(r"(?i)\bsav(?:ed|ing)\b.*checkpoint")
 

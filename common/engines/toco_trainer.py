@@ -57,7 +57,8 @@ from common.transforms.cams import (
     refine_cams_with_par,
     valid_cam,
 )
-from common.utils.distributed import average_gradients, broadcast_from_rank0
+from common.engines.optimiser_step import backward_and_step
+from common.utils.distributed import broadcast_from_rank0
 
 __all__ = ["PSEUDO_LABEL_CAM_SCALES", "TRAIN_CAM_SCALES", "ToCoTrainer", "cam_predictor"]
 
@@ -233,17 +234,7 @@ class ToCoTrainer(SupervisedTrainer):
             raise FloatingPointError(f"ToCoTrainer: loss is {loss.item()} at iteration {engine.state.iteration} "
                                      f"({ {k: float(v) for k, v in terms.items()} }); lower the learning rate or "
                                      "check the data")
-        if use_scaler:
-            engine.scaler.scale(loss).backward()
-        else:
-            loss.backward()
-        average_gradients(network.parameters())  # (scaled) gradients averaged over the ranks; no-op in one process
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        if use_scaler:
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            engine.optimizer.step()
+        backward_and_step(engine, loss, network.parameters(), use_scaler)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         output = {

@@ -1,6 +1,10 @@
 """Networks of the re-implemented methods (official architectures, official state-dict key names)."""
 
-from . import box_refiners, dino_head, mil, par, polyp_pvt, pvt_v2, timm_backbone, toco_vit, unetpp, vnet
+from . import (box_refiners, cdtg, center_pivot_conv4d, dino_head, mil, par, patnet, polyp_pvt, prototypes, pvt_v2,
+               shot_vote, text_encoders, timm_backbone, toco_vit, unetpp, vnet)
+from .cdtg import SemanticGuidedUnit, TextGuidedPrototypes
+from .center_pivot_conv4d import CenterPivotConv4d
+from .patnet import PATNet, patnet_resnet50
 from .box_refiners import GrabCutBoxRefiner, SamBoxRefiner, ThresholdRefiner, make_box_refiner
 from .dino_head import DINOHead, MultiCropWrapper
 from .polyp_pvt import PolypPVT

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,7 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["load_checkpoint", "read_state_dict", "load_state_dict_strict"]
+__all__ = ["load_checkpoint", "read_state_dict", "load_state_dict_strict", "checkpointed_networks"]
+
+logger = logging.getLogger(__name__)
 
 
 def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Any:
@@ -76,3 +79,24 @@ def load_state_dict_strict(
             f"checkpoint '{path}' does not match {type(module).__name__}: " + "; ".join(problems) + "."
         )
     module.load_state_dict(state_dict, strict=True)
+
+
+def checkpointed_networks(candidates: Mapping[str, tuple[nn.Module, str | os.PathLike]],
+                          device: torch.device | str = "cpu") -> dict[str, nn.Module]:
+    """``{name: network}`` for every ``name: (network, checkpoint)`` whose checkpoint file exists, loaded strictly
+    (:func:`load_state_dict_strict`) and moved to ``device``; the others are left out with a log line.
+
+    Raises:
+        FileNotFoundError: naming every checkpoint when none exists.
+    """
+    loaded = {}
+    for name, (network, path) in candidates.items():
+        if not Path(path).is_file():
+            logger.info("no checkpoint %s: %s is not evaluated", path, name)
+            continue
+        load_state_dict_strict(network, read_state_dict(path), path)
+        loaded[name] = network.to(device)
+    if not loaded:
+        raise FileNotFoundError("none of the checkpoints exists (train first): "
+                                + ", ".join(str(path) for _, path in candidates.values()))
+    return loaded
