@@ -58,7 +58,8 @@ def test_training_writes_both_models(trained):
     key = "backbone.layer4.0.conv3.weight"
     assert torch.equal(text_model[key], plain[key])
     assert (trained / "models" / "training_state_epoch=1.pt").is_file()
-    assert list((trained / "models" / "text_embeddings").glob("shapes-*.pt"))
+    assert list((trained / "cache" / "text_embeddings").glob("shapes-*.pt"))
+    assert sorted(p.name for p in (trained / "models").iterdir()) == ["model.pt", "patnet", "training_state_epoch=1.pt"]
 
 
 def test_evaluate_sweeps_shots_models_and_alpha(trained):

@@ -60,7 +60,7 @@ BUNDLES = sorted(p.name for p in (REPO_ROOT / "bundles").iterdir() if (p / "conf
 # MONAI Label's BundleInferTask takes the task type from the folder name (specs/monai_bundles.md §3.2)
 SEGMENTATION_BUNDLES = [b for b in BUNDLES if "classification" not in b]
 CLASSIFICATION_BUNDLES = [b for b in BUNDLES if "classification" in b]
-RUNTIME_OUTPUTS = shutil.ignore_patterns("models", "data", "eval", "runs", "__pycache__")
+RUNTIME_OUTPUTS = shutil.ignore_patterns("models", "data", "eval", "runs", "cache", "__pycache__")
 
 
 # ----------------------------------------------------------------------------------------------- per-bundle cases
@@ -319,7 +319,7 @@ def serve_copy(name: str, tiny: dict[str, dict[str, Any]], dest: Path) -> Served
     parser["bundle_root"] = str(dest)
     torch.manual_seed(0)
     network = parser.get_parsed_content("network_def")
-    (dest / "models").mkdir(exist_ok=True)  # building the network may already cache derived files there (CD-TG texts)
+    (dest / "models").mkdir()
     torch.save(network.state_dict(), dest / "models" / "model.pt")  # a plain state dict, as training saves it
     return Served(dest, network)
 
