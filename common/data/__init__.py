@@ -1,8 +1,9 @@
 """Dataset readers and generators of embedded demo data."""
 
-from . import (category_text, classification_folders, demo_classification, demo_exams, demo_polyps, demo_shapes,
-               demo_volumes, exam_bags, fewshot_datasets, fewshot_episodes, fewshot_sources, generated, label_budget,
-               mil_scores, polyp_folders, report_labels, volume_folders, wsss_images)
+from . import (category_text, classification_folders, cxr_datasets, cxr_findings, cxr_reports, cxr_tasks,
+               demo_classification, demo_cxr, demo_exams, demo_polyps, demo_shapes, demo_volumes, exam_bags,
+               fewshot_datasets, fewshot_episodes, fewshot_sources, generated, label_budget, mil_scores,
+               polyp_folders, report_labels, volume_folders, wsss_images)
 from .category_text import TextEmbeddingTable, read_descriptions
 from .demo_shapes import ensure_demo_shapes
 from .fewshot_episodes import EpisodeDataset, TrainingEpisodeDataset

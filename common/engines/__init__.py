@@ -1,6 +1,6 @@
 """Ignite engines and inferers for methods whose training or inference step MONAI's do not cover."""
 
-from . import (bag_distillation, co_training, episodic, inferers, multiscale_trainer, optimiser_step,
+from . import (asg_pretraining, bag_distillation, co_training, episodic, inferers, multiscale_trainer, optimiser_step,
                pseudo_label_rounds, pseudo_masks, sliding_window, student_teacher, supervised_budget, toco_trainer)
 from .episodic import EpisodicEvaluator, EpisodicTrainer
 from .bag_distillation import BagDistillationTrainer, BagEvaluator

@@ -1,7 +1,7 @@
 """Networks of the re-implemented methods (official architectures, official state-dict key names)."""
 
-from . import (box_refiners, cdtg, center_pivot_conv4d, dino_head, mil, par, patnet, polyp_pvt, prototypes, pvt_v2,
-               shot_vote, text_encoders, timm_backbone, toco_vit, unetpp, vnet)
+from . import (asg, asg_factory, asg_text, box_refiners, cdtg, center_pivot_conv4d, cxr_heads, dino_head, mil, par,
+               patnet, polyp_pvt, prototypes, pvt_v2, shot_vote, text_encoders, timm_backbone, toco_vit, unetpp, vnet)
 from .cdtg import SemanticGuidedUnit, TextGuidedPrototypes
 from .center_pivot_conv4d import CenterPivotConv4d
 from .patnet import PATNet, patnet_resnet50

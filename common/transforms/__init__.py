@@ -1,6 +1,7 @@
 """MONAI dictionary transforms shared by the bundles."""
 
-from . import box_prompts, cams, feature_classifier, fewshot, image_labels, io, multicrop, toco_views
+from . import (box_prompts, cams, cxr, cxr_pipelines, cxr_text, feature_classifier, fewshot, image_labels, io, multicrop,
+               toco_views)
 from .fewshot import FewShotPairLoader
 from .box_prompts import mask_to_box
 from .feature_classifier import FeatureClassifierd

@@ -1,3 +1,3 @@
 """Small utilities: configs, all-or-nothing output folders, figures and schedules."""
 
-from . import checkpoints, config, distributed, figures, files, poly_warmup, ramps, schedules
+from . import checkpoints, config, distributed, figures, files, poly_warmup, ramps, schedules, warmup_cosine
