@@ -18,6 +18,9 @@ Per bundle (specs/monai_bundles.md §2.1, the zoo's ``ci/verify_bundle.py`` in "
    compared with the eager network on the same input;
 6. ``ConfigWorkflow(...).check_properties() == []`` for ``train`` and ``inference`` (``load_pretrain=False``).
 
+Checks 4 and 5 also run for every network override of a bundle (``configs/networks/<name>.json`` merged over
+``inference.json``, randomly initialised), reported as ``<bundle>[<name>]``.
+
 Exit status 0 when every check of every bundle passes; otherwise 1, after a list of the failures.
 """
 
@@ -67,20 +70,24 @@ def _check_schema(bundle: Path, schema: Path) -> None:
                     hash_val=SCHEMA_MD5, hash_type="md5")
 
 
-def _check_net_io(bundle: Path) -> None:
+def _inference_configs(bundle: Path, override: Path | None) -> list[str]:
+    """``inference.json``, followed by a network override file when one is given."""
+    return [str(bundle / "configs" / "inference.json")] + ([str(override)] if override else [])
+
+
+def _check_net_io(bundle: Path, override: Path | None = None) -> None:
     from monai.bundle import verify_net_in_out
 
     verify_net_in_out(net_id="network_def", meta_file=str(bundle / "configs" / "metadata.json"),
-                      config_file=str(bundle / "configs" / "inference.json"), device="cpu",
-                      bundle_root=str(bundle))
+                      config_file=_inference_configs(bundle, override), device="cpu", bundle_root=str(bundle))
 
 
-def _check_export(bundle: Path) -> None:
+def _check_export(bundle: Path, override: Path | None = None) -> None:
     from monai.bundle import ConfigParser, ckpt_export
     from monai.bundle.scripts import _get_fake_spatial_shape
 
     parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser.read_config(_inference_configs(bundle, override))
     parser.read_meta(str(bundle / "configs" / "metadata.json"))
     parser["bundle_root"] = str(bundle)
     image = parser.get("_meta_#network_data_format#inputs#image")
@@ -88,7 +95,7 @@ def _check_export(bundle: Path) -> None:
     shape = _get_fake_spatial_shape(image["spatial_shape"], p=1, n=1, any=1)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = bundle / "models" / "model.pt"
-        if not ckpt.is_file():
+        if override is not None or not ckpt.is_file():  # the shipped weights belong to the default network
             ckpt = Path(tmp) / "model.pt"
             torch.save(net.state_dict(), ckpt)
         ts_path = Path(tmp) / "model.ts"
@@ -96,7 +103,7 @@ def _check_export(bundle: Path) -> None:
             warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated, still what the zoo ships
             ckpt_export(net_id="network_def", filepath=str(ts_path), ckpt_file=str(ckpt),
                         meta_file=str(bundle / "configs" / "metadata.json"),
-                        config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle),
+                        config_file=_inference_configs(bundle, override), bundle_root=str(bundle),
                         use_trace=True, input_shape=[1, image["num_channels"], *shape])
             scripted = torch.jit.load(str(ts_path))
         net.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
@@ -165,6 +172,16 @@ def verify(bundles: str | list[str] | None = None, schema: str | None = None, bu
                 failures.append(f"{folder.name}: {name}: {type(err).__name__}: {err}")
                 continue
             print(f"{folder.name}: {name}: ok", flush=True)
+        for override in sorted((folder / "configs" / "networks").glob("*.json")):
+            for name in ("verify_net_in_out", "ckpt_export + reload"):
+                label = f"{folder.name}[{override.stem}]: {name}"
+                try:
+                    CHECKS[name](folder, override)
+                except Exception as err:  # every failure is reported, whatever it raises
+                    logger.debug(traceback.format_exc())
+                    failures.append(f"{label}: {type(err).__name__}: {err}")
+                    continue
+                print(f"{label}: ok", flush=True)
     if failures:
         print(f"\n{len(failures)} check(s) failed:", file=sys.stderr)
         for failure in failures:

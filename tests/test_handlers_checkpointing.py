@@ -19,6 +19,7 @@ from torch.utils.data import Sampler
 from common.handlers.checkpoint_saver import AtomicCheckpointSaver, AtomicDiskSaver, atomic_write
 from common.handlers.epoch_seed import EpochSeed
 from common.handlers.training_state import TrainingStateCheckpoint
+from common.utils.checkpoints import load_checkpoint, read_state_dict
 from common.utils.config import compiled
 
 
@@ -135,6 +136,34 @@ def test_training_state_holds_the_scaler_and_the_saver(tmp_path, restore_umask):
     assert state["scaler"]["scale"] == 1024.0
     assert [score for score, _ in state["checkpoint_saver"]["_saved"]] == [0.25]
     assert state["trainer"]["iteration"] == 1  # one batch, one epoch
+
+
+class _NotAWeight:
+    """An arbitrary pickled object: the weights-only reader must still refuse it."""
+
+
+def test_state_dict_is_read_from_a_train_script_file_with_numpy_scalars(tmp_path):
+    """A file like the official FCBFormer train.py writes: the weights under "model_state_dict" (with DataParallel's
+    "module." prefix) beside numpy scalars; readable under numpy 2 and numpy 1 module names, nothing else allowed."""
+    weights = {"module.conv.weight": torch.randn(2, 1, 3, 3), "module.conv.bias": torch.zeros(2)}
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    train_py = {"epoch": 3, "model_state_dict": weights, "optimizer_state_dict": optimizer.state_dict(),
+                "loss": np.float64(0.25), "test_measure_mean": np.mean([0.8, 0.9])}
+    path = tmp_path / "train_py.pt"
+    torch.save(train_py, path)
+    loaded = read_state_dict(path)
+    assert list(loaded) == ["conv.weight", "conv.bias"]
+    assert all(torch.equal(loaded[k], weights[f"module.{k}"]) for k in loaded)
+    assert load_checkpoint(path)["loss"] == 0.25
+    # numpy 1 pickles its scalars as numpy.core.multiarray.scalar (legacy format: plain-text globals)
+    torch.save(train_py, path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    assert b"numpy._core.multiarray" in data
+    path.write_bytes(data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    assert torch.equal(read_state_dict(path)["conv.weight"], weights["module.conv.weight"])
+    torch.save({**train_py, "extra": _NotAWeight()}, path)
+    with pytest.raises(ValueError, match="could not read checkpoint"):
+        read_state_dict(path)
 
 
 class _Draw(Randomizable, Transform):

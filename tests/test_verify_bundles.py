@@ -23,7 +23,7 @@ def _schema() -> str:
 
 def verify(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "verify_bundles.py"), *args],
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=1500)
 
 
 def test_every_bundle_passes_the_zoo_checks():
@@ -32,6 +32,11 @@ def test_every_bundle_passes_the_zoo_checks():
     for check in ("files", "version", "metadata schema", "verify_net_in_out", "ckpt_export + reload",
                   "check_properties"):
         assert f"endoked_polyp_segmentation: {check}: ok" in result.stdout
+    networks = sorted((REPO_ROOT / "bundles" / "endoked_polyp_segmentation" / "configs" / "networks").glob("*.json"))
+    assert len(networks) >= 2  # the baselines as overrides (UNet, UNet++, ...)
+    for network in networks:  # every baseline override is checked like the bundle's own network
+        for check in ("verify_net_in_out", "ckpt_export + reload"):
+            assert f"endoked_polyp_segmentation[{network.stem}]: {check}: ok" in result.stdout
 
 
 def test_a_broken_bundle_fails_with_a_clear_list(tmp_path):

@@ -1,7 +1,14 @@
 """Networks of the re-implemented methods (official architectures, official state-dict key names)."""
 
-from . import (asg, asg_factory, asg_text, box_refiners, cdtg, center_pivot_conv4d, cxr_heads, dino_head, mil, par,
-               patnet, polyp_pvt, prototypes, pvt_v2, shot_vote, text_encoders, timm_backbone, toco_vit, unetpp, vnet)
+from . import (asg, asg_factory, asg_text, box_refiners, c2fnet, cascade, cdtg, center_pivot_conv4d, cxr_heads, dcrnet,
+               dino_head, fcbformer, ldnet, mil, par, patnet, pidnet, polyp_pvt, prototypes, pvt_v2, res2net, shot_vote,
+               text_encoders, timm_backbone, toco_vit, unetpp, vnet)
+from .c2fnet import C2FNet
+from .cascade import PVTCascade
+from .dcrnet import DCRNet
+from .fcbformer import FCBFormer
+from .ldnet import LDNet
+from .pidnet import PIDNet
 from .cdtg import SemanticGuidedUnit, TextGuidedPrototypes
 from .center_pivot_conv4d import CenterPivotConv4d
 from .patnet import PATNet, patnet_resnet50

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -15,9 +16,21 @@ __all__ = ["load_checkpoint", "read_state_dict", "load_state_dict_strict", "chec
 
 logger = logging.getLogger(__name__)
 
+# Training scripts often store numpy scalars beside the weights (the official FCBFormer train.py saves np.float64
+# losses and metrics): torch's weights-only unpickler may rebuild those scalars and their dtype, under numpy 2 and
+# numpy 1 module names (``numpy._core.multiarray.scalar`` / ``numpy.core.multiarray.scalar``), and nothing else.
+_NUMPY_SCALAR = np.float64(0).__reduce__()[0]
+_NUMPY_SAFE_GLOBALS = [
+    _NUMPY_SCALAR, (_NUMPY_SCALAR, "numpy.core.multiarray.scalar"), np.dtype, type(np.dtype(np.float64))
+]
+
 
 def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)`` with errors that name the file.
+
+    Besides tensors and plain containers, the weights-only unpickler accepts numpy scalars (numpy 2 and numpy 1
+    module names) and the float64 dtype, as training scripts store them beside the weights (e.g. ``"loss":
+    np.float64(0.25)``); any other object still makes the file unreadable.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -27,23 +40,26 @@ def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: '{path}'.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_NUMPY_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for damaged files
         raise ValueError(f"could not read {what} '{path}' (corrupt or not a torch file): {err}") from err
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict saved with :func:`torch.save` (``weights_only=True``, mapped to CPU).
+    """Read a state dict saved with :func:`torch.save` (read by :func:`load_checkpoint`: weights only, on CPU).
 
-    Accepts a plain ``{key: tensor}`` mapping or one wrapped as ``{"model": sd}`` / ``{"state_dict": sd}``;
-    a leading ``module.`` (DistributedDataParallel) is stripped from every key that has it.
+    Accepts a plain ``{key: tensor}`` mapping or one wrapped as ``{"model_state_dict": sd}`` (the official FCBFormer
+    ``train.py`` file: ``{"epoch", "model_state_dict", "optimizer_state_dict", "loss", ...}`` with numpy scalars),
+    ``{"model": sd}`` or ``{"state_dict": sd}`` (the first of these keys holding a mapping is taken); a leading
+    ``module.`` (DataParallel / DistributedDataParallel) is stripped from every key that has it.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: the file cannot be read, or it does not hold a mapping of names to tensors.
     """
     obj = load_checkpoint(path)
-    for wrapper in ("model", "state_dict"):
+    for wrapper in ("model_state_dict", "model", "state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
             break
