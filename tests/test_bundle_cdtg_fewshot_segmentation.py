@@ -140,4 +140,4 @@ def test_support_set_errors_are_named(trained, tmp_path):
     with pytest.raises(Exception) as info:
         workflow(trained, "inference", ["inference.json"], support_source={"kind": "class_folders",
                  "root": str(tmp_path / "support")}, load_pretrain=False, **TINY).run()
-    assert "ring" in error_text(info.value)
+    assert "class(es) ['ring'] have no item with a non-empty foreground" in error_text(info.value)

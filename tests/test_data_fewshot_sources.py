@@ -77,6 +77,12 @@ def test_split_datalist_per_class(shapes):
     # a class of 3 cannot give 2 validation items and keep 2 for training: it stays whole in training
     small = [dict(e, class_name="few") for e in data[:3]]
     assert split_datalist(small, 0.5)["val"] == []
+    # a class of 4 or more gives at least 2 to validation: round(0.1 * 4) = 0 -> 2 (2 left to train);
+    # round(0.1 * 5) = round(0.5) = 0 (banker's rounding) -> 2 (3 left to train)
+    for n, n_train in ((4, 2), (5, 3)):
+        some = [dict(e, class_name="some") for e in data[:n]]
+        assert [len(split_datalist(some, 0.1)[k]) for k in ("val", "train")] == [2, n_train]
+    assert split_datalist(data[:4], 0.0)["val"] == []  # no validation asked for: none taken
 
 
 def test_text_table_merges_files():

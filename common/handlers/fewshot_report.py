@@ -164,7 +164,7 @@ def write_episode_figure(examples: Mapping[str, Sequence], path: str | os.PathLi
         cells = [_blend(examples["support_image"][i], np.asarray(examples["support_mask"][i], dtype=bool), GT_COLOUR),
                  query, _blend(query, label, GT_COLOUR)]
         titles = [f"support: {examples['class_name'][i]}" if "class_name" in examples else "support",
-                  str(examples["query_name"][i]) if "query_name" in examples else "query", "ground truth"]
+                  f"query: {examples['query_name'][i]}" if "query_name" in examples else "query", "ground truth"]
         for key, name in zip(pred_keys, columns[3:]):
             pred = np.asarray(examples[key][i], dtype=bool)
             cells.append(_blend(query, pred, PRED_COLOUR))
