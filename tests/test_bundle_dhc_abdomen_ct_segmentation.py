@@ -120,14 +120,25 @@ def test_resume_continues_from_the_last_epoch(trained, tmp_path):
     assert latest_training_state(root / "models").name == "training_state_epoch=3.pt"
 
 
-@pytest.mark.parametrize("method, init", [("cps", "xavier"), ("uamt", "kaiming")])
-def test_baselines_are_one_override(tmp_path, method, init):
+@pytest.mark.parametrize("method, cls, init", [("cps", "CPS", "xavier"), ("uamt", "UAMT", "kaiming"),
+                                               ("simis", "SimiS", "kaiming"), ("crest", "CReST", "kaiming"),
+                                               ("depl", "DePL", "kaiming")])
+def test_baselines_are_one_override(tmp_path, method, cls, init):
     wf = workflow(tmp_path, "train", ["train.json"], method=method, epochs=1, **TRAIN_TINY)
-    assert type(wf.parser.get_parsed_content("co_training_method")).__name__ == method.upper()
+    assert type(wf.parser.get_parsed_content("co_training_method")).__name__ == cls
     network = wf.parser.get_parsed_content("network")
     assert network.branches == ("A" if method == "uamt" else "AB")
     run(wf)
     assert (tmp_path / "models" / "model.pt").is_file()
+    if method in ("simis", "crest"):  # the class weights are method state, saved for resuming, and have moved
+        state = torch.load(latest_training_state(tmp_path / "models"), weights_only=True)["method"]
+        weights = state[f"{method}_a.weights"]
+        assert weights.shape == (wf.parser.get_parsed_content("num_classes"),) and torch.isfinite(weights).all()
+    if method == "depl":  # q̂ is method state too: one voxel-wise class distribution per branch, moved from 1/C
+        qhat = torch.load(latest_training_state(tmp_path / "models"), weights_only=True)["method"]["depl_a.qhat"]
+        assert qhat.shape[:2] == (1, wf.parser.get_parsed_content("num_classes"))
+        torch.testing.assert_close(qhat.sum(dim=1), torch.ones_like(qhat[:, 0]))
+        assert not torch.allclose(qhat, torch.full_like(qhat, 1 / qhat.shape[1]))
 
 
 def test_real_btcv_subset(tmp_path):

@@ -13,6 +13,9 @@ network and schedules and differ only in the *method* object that turns the logi
 * :class:`CPS` (Chen et al., "Semi-Supervised Semantic Segmentation with Cross Pseudo Supervision", CVPR 2021) —
   the same with ``w ≡ 1`` (branch B xavier-initialised: :class:`~common.networks.vnet.DualVNet`
   ``init_b="xavier"``).
+* :class:`SimiS` and :class:`CReST` — CPS whose two branches get their own class weights (§9: SimiS from each
+  branch's arg-max over the whole batch, CReST's reverse-rank frequency weights from its unlabelled arg-max);
+  :class:`DePL` — CPS on debiased, confidence-masked pseudo labels.
 * :class:`UAMT` (Yu et al., "Uncertainty-aware Self-ensembling Model for Semi-supervised 3D Left Atrium
   Segmentation", MICCAI 2019) — student = A, EMA teacher = B (never trained by the optimiser)::
 
@@ -52,7 +55,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from common.engines.sliding_window import DHC_STRIDES, monai_overlap
+from common.losses.crest_weighting import CReSTWeighting
+from common.losses.debiased_pseudo_labels import DebiasedPseudoLabels, masked_cross_entropy
 from common.losses.debiased_weighting import DiffDW, DistDW, class_counts
+from common.losses.simis_weighting import SimiSWeighting
 from common.losses.weighted_ce_dice import WeightedCEDiceLoss
 from common.utils.distributed import average_gradients, broadcast_from_rank0
 from common.utils.ramps import consistency_weight_in_epoch, lr_in_epoch, sigmoid_rampup
@@ -60,10 +66,14 @@ from common.utils.schedules import ema_update
 
 __all__ = [
     "METHODS",
+    "NEEDS_LABELLED_COUNTS",
     "RepeatedRandomSampler",
     "CoTrainingMethod",
     "DHC",
     "CPS",
+    "SimiS",
+    "CReST",
+    "DePL",
     "UAMT",
     "build_method",
     "labelled_class_counts",
@@ -181,19 +191,33 @@ class CPS(CoTrainingMethod):
         ones = torch.ones(self.num_classes, device=z_a.device)
         return ones, ones
 
+    def branch_logits(self, net_a: nn.Module, net_b: nn.Module, image: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z^A, z^B)`` ``[N, C, d, h, w]``; a network with another channel count than C is named."""
+        z_a, z_b = net_a(image), net_b(image)
+        if z_a.shape[1] != self.num_classes:
+            raise ValueError(f"{type(self).__name__}: the network returns {z_a.shape[1]} channels, the method "
+                             f"expects num_classes={self.num_classes}")
+        return z_a, z_b
+
     def forward(  # type: ignore[override]
         self, net_a: nn.Module, net_b: nn.Module, image: torch.Tensor, label: torch.Tensor, consistency: float,
         epoch: int,
     ) -> dict[str, torch.Tensor]:
         n = label.shape[0]
-        z_a, z_b = net_a(image), net_b(image)
-        if z_a.shape[1] != self.num_classes:
-            raise ValueError(f"{type(self).__name__}: the network returns {z_a.shape[1]} channels, the method "
-                             f"expects num_classes={self.num_classes}")
+        z_a, z_b = self.branch_logits(net_a, net_b, image)
         pseudo_a, pseudo_b = z_a.argmax(dim=1).detach(), z_b.argmax(dim=1).detach()
         w_a, w_b = self.weights(z_a, z_b, label)
         sup = self.supervised(z_a[:n], label, w_a) + self.supervised(z_b[:n], label, w_b)
         cps = self.pseudo(z_a, pseudo_b, w_a) + self.pseudo(z_b, pseudo_a, w_b)
+        return self.outputs(sup, cps, consistency, z_a, z_b, pseudo_a, pseudo_b, w_a, w_b)
+
+    @staticmethod
+    def outputs(sup: torch.Tensor, cps: torch.Tensor, consistency: float, z_a: torch.Tensor, z_b: torch.Tensor,
+                pseudo_a: torch.Tensor, pseudo_b: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        """The iteration's output: ``loss = sup + λ cps``, its parts, the mean logits (monitoring), the pseudo
+        labels and the class weights of both branches."""
         return {"loss": sup + consistency * cps, "loss_sup": sup.detach(), "loss_unsup": cps.detach(),
                 "pred": ((z_a + z_b) / 2).detach(), "pseudo_a": pseudo_a, "pseudo_b": pseudo_b,
                 "weights_a": w_a.detach(), "weights_b": w_b.detach()}
@@ -233,6 +257,106 @@ class DHC(CPS):
         w_a = self.diff_dw.update(z_a[:n].detach().float(), label)
         w_b = self.dist_dw.update(z_b[n:].detach().float()) if z_b.shape[0] > n else self.dist_dw.get_weights()
         return w_a.to(z_a.device), w_b.to(z_b.device)
+
+
+class SimiS(CPS):
+    """CPS with SimiS class weights per branch (specs/dhc.md §9): ``w_c = C (max_k π_k − π_c)``, ``π`` the class
+    frequencies of the branch's own arg-max over the whole batch (labelled and unlabelled), EMA 0.99
+    (:class:`~common.losses.simis_weighting.SimiSWeighting`), applied to its CE, Dice and pseudo-label CE.
+
+    Args:
+        num_classes: C, including background.
+        labelled_counts: labelled class histogram; when given, both weightings start one EMA step from ``C·1``
+            towards its SimiS weights (as the original), otherwise at ``C·1``.
+        momentum: EMA momentum (0.99).
+    """
+
+    def __init__(self, num_classes: int, labelled_counts: torch.Tensor | Sequence[float] | None = None,
+                 momentum: float = 0.99) -> None:
+        super().__init__(num_classes)
+        self.simis_a = SimiSWeighting(num_classes, momentum)
+        self.simis_b = SimiSWeighting(num_classes, momentum)
+        if labelled_counts is not None:
+            self.simis_a.init_weights(labelled_counts)
+            self.simis_b.init_weights(labelled_counts)
+
+    def weights(self, z_a: torch.Tensor, z_b: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each branch's weights updated from its own arg-max over all patches, before the losses."""
+        return (self.simis_a.update(z_a.detach().float()).to(z_a.device),
+                self.simis_b.update(z_b.detach().float()).to(z_b.device))
+
+
+class CReST(CPS):
+    """CPS with CReST class-rebalancing weights per branch (Wei et al., CVPR 2021; specs/dhc.md §9):
+    ``μ_c = (N_c / N_max)^{1/3}`` given in reverse frequency rank, from the branch's own arg-max on the unlabelled
+    patches, EMA 0.99 from the labelled histogram (:class:`~common.losses.crest_weighting.CReSTWeighting`),
+    applied to its supervised and pseudo-label losses.
+
+    Args:
+        num_classes: C, including background.
+        labelled_counts: labelled class histogram (:func:`labelled_class_counts`), the weights' starting point.
+        momentum: EMA momentum (0.99).
+    """
+
+    def __init__(self, num_classes: int, labelled_counts: torch.Tensor | Sequence[float], momentum: float = 0.99
+                 ) -> None:
+        super().__init__(num_classes)
+        self.crest_a = CReSTWeighting(num_classes, momentum)
+        self.crest_b = CReSTWeighting(num_classes, momentum)
+        self.crest_a.init_weights(labelled_counts)
+        self.crest_b.init_weights(labelled_counts)
+
+    def weights(self, z_a: torch.Tensor, z_b: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each branch's weights updated from its own arg-max on the unlabelled patches, before the losses."""
+        n = label.shape[0]
+        if z_a.shape[0] == n:  # no unlabelled patch in this batch
+            return self.crest_a.get_weights().to(z_a.device), self.crest_b.get_weights().to(z_b.device)
+        return (self.crest_a.update(z_a[n:].detach().float()).to(z_a.device),
+                self.crest_b.update(z_b[n:].detach().float()).to(z_b.device))
+
+
+class DePL(CPS):
+    """CPS with debiased pseudo labels (Wang et al., "Debiased Learning from Naturally Imbalanced Pseudo-Labels",
+    CVPR 2022; specs/dhc.md §9)::
+
+        L = L_sup(z^A_l, y_l) + L_sup(z^B_l, y_l) + λ(e) (CE_m(z^A, ŷ^B; m^B) + CE_m(z^B, ŷ^A; m^A))
+
+    with, per branch, ``ŷ = argmax softmax(z − τ ln q̂)``, ``m = [max softmax(z − τ ln q̂) ≥ 0.9]`` on all patches
+    from the previous iteration's ``q̂`` (a voxel-wise ``[1, C, *patch]`` EMA 0.99 of the mean softmax over the
+    unlabelled patches, updated after the labels are made), and ``CE_m`` the masked CE summed over kept voxels and
+    divided by all voxels, as the original (``normalise="mask"`` divides by the kept ones)
+    (:class:`~common.losses.debiased_pseudo_labels.DebiasedPseudoLabels`).
+
+    Args:
+        num_classes: C, including background.
+        patch_size: the training patch ``(d, h, w)``, the shape of ``q̂``.
+        normalise: ``"all"`` (original) or ``"mask"``.
+        momentum, tau, threshold: 0.99, 1, 0.9.
+    """
+
+    def __init__(self, num_classes: int, patch_size: Sequence[int], normalise: str = "all", momentum: float = 0.99,
+                 tau: float = 1.0, threshold: float = 0.9) -> None:
+        super().__init__(num_classes)
+        self.normalise = normalise
+        self.depl_a = DebiasedPseudoLabels(num_classes, patch_size, momentum, tau, threshold)
+        self.depl_b = DebiasedPseudoLabels(num_classes, patch_size, momentum, tau, threshold)
+
+    def forward(  # type: ignore[override]
+        self, net_a: nn.Module, net_b: nn.Module, image: torch.Tensor, label: torch.Tensor, consistency: float,
+        epoch: int,
+    ) -> dict[str, torch.Tensor]:
+        n = label.shape[0]
+        z_a, z_b = self.branch_logits(net_a, net_b, image)
+        pseudo_a, mask_a = self.depl_a.pseudo_labels(z_a.detach())
+        pseudo_b, mask_b = self.depl_b.pseudo_labels(z_b.detach())
+        if z_a.shape[0] > n:
+            self.depl_a.update(z_a[n:].detach())
+            self.depl_b.update(z_b[n:].detach())
+        ones = torch.ones(self.num_classes, device=z_a.device)
+        sup = self.supervised(z_a[:n], label, ones) + self.supervised(z_b[:n], label, ones)
+        cps = (masked_cross_entropy(z_a, pseudo_b, mask_b, self.normalise)
+               + masked_cross_entropy(z_b, pseudo_a, mask_a, self.normalise))
+        return self.outputs(sup, cps, consistency, z_a, z_b, pseudo_a, pseudo_b, ones, ones)
 
 
 class UAMT(CoTrainingMethod):
@@ -305,21 +429,29 @@ class UAMT(CoTrainingMethod):
         ema_update(net_b, net_a, self.momentum(epoch))
 
 
-METHODS: dict[str, type[CoTrainingMethod]] = {"dhc": DHC, "cps": CPS, "uamt": UAMT}
+METHODS: dict[str, type[CoTrainingMethod]] = {"dhc": DHC, "cps": CPS, "uamt": UAMT, "simis": SimiS, "crest": CReST,
+                                             "depl": DePL}
+NEEDS_LABELLED_COUNTS = ("dhc", "simis", "crest")
+"""Methods whose class weights start from the labelled class histogram."""
 """Methods selectable by name (the bundle's ``method`` id)."""
 
 
 def build_method(name: str, num_classes: int, labelled_counts: torch.Tensor | None = None,
-                 max_epochs: int = 300, **kwargs: Any) -> CoTrainingMethod:
-    """The method called ``name`` (``"dhc"``, ``"cps"``, ``"uamt"``); ``labelled_counts`` feeds DHC's DistDW and
-    ``max_epochs`` UA-MT's threshold ramp; other keyword arguments go to the constructor."""
+                 max_epochs: int = 300, patch_size: Sequence[int] | None = None, **kwargs: Any) -> CoTrainingMethod:
+    """The method called ``name`` (a key of :data:`METHODS`); ``labelled_counts`` feeds the class weights of
+    DHC (DistDW), SimiS and CReST, ``max_epochs`` UA-MT's threshold ramp, ``patch_size`` DePL's ``q̂``; other
+    keyword arguments go to the constructor."""
     key = str(name).lower()
     if key not in METHODS:
         raise ValueError(f"unknown co-training method {name!r}; choose one of {sorted(METHODS)}")
-    if key == "dhc":
+    if key in NEEDS_LABELLED_COUNTS:
         if labelled_counts is None:
-            raise ValueError("build_method('dhc'): labelled_counts (the labelled class histogram) is required")
-        return DHC(num_classes, labelled_counts, **kwargs)
+            raise ValueError(f"build_method({key!r}): labelled_counts (the labelled class histogram) is required")
+        return METHODS[key](num_classes, labelled_counts, **kwargs)
+    if key == "depl":
+        if patch_size is None:
+            raise ValueError("build_method('depl'): patch_size (the training patch, the shape of q̂) is required")
+        return DePL(num_classes, patch_size, **kwargs)
     if key == "uamt":
         return UAMT(num_classes, max_epochs=max_epochs, **kwargs)
     return CPS(num_classes, **kwargs)

@@ -23,7 +23,7 @@ from torch import nn
 from common.losses.weighted_ce_dice import hard_batch_dice
 from common.utils.distributed import all_reduce_sum
 
-__all__ = ["DiffDW", "DistDW", "class_counts", "distribution_weights"]
+__all__ = ["DiffDW", "DistDW", "argmax_counts", "class_counts", "distribution_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,20 @@ def class_counts(labels: torch.Tensor | np.ndarray, num_classes: int) -> torch.T
             f"class_counts: labels must lie in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]"
         )
     return torch.bincount(labels, minlength=num_classes).double()
+
+
+def argmax_counts(logits: torch.Tensor, num_classes: int, owner: str) -> torch.Tensor:
+    """Histogram ``N_c`` of the arg-max classes of ``logits [B, C, *spatial]``, summed over the ranks of a
+    distributed run (the counts of the global batch); int64 ``[C]``.
+
+    Raises:
+        ValueError: (naming ``owner``) ``logits`` not ``[B, num_classes, *spatial]``, or holding no voxel.
+    """
+    if logits.ndim < 3 or logits.shape[1] != num_classes:
+        raise ValueError(f"{owner}: logits must be [B, {num_classes}, *spatial], got {tuple(logits.shape)}")
+    if logits.numel() == 0:
+        raise ValueError(f"{owner}: logits hold no voxels, got {tuple(logits.shape)}")
+    return all_reduce_sum(torch.bincount(logits.detach().argmax(dim=1).reshape(-1), minlength=num_classes))
 
 
 def distribution_weights(counts: torch.Tensor | Sequence[float]) -> torch.Tensor:
@@ -132,10 +146,7 @@ class DistDW(nn.Module):
         Returns:
             copy of the new weights ``[C]``.
         """
-        if logits.ndim < 3 or logits.shape[1] != self.num_classes:
-            raise ValueError(f"DistDW: logits must be [B, {self.num_classes}, *spatial], got {tuple(logits.shape)}")
-        counts = torch.bincount(logits.argmax(dim=1).reshape(-1), minlength=self.num_classes)
-        return self.update_counts(all_reduce_sum(counts))  # several ranks: the counts of the global batch
+        return self.update_counts(argmax_counts(logits, self.num_classes, "DistDW"))
 
     def get_weights(self) -> torch.Tensor:
         """Current weights ``[C]`` (a detached copy)."""
