@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .polyp_pvt import ChannelAttention, SpatialAttention
-from .pvt_v2 import PVT_V2_BUILDERS, load_pvt_v2_pretrained, load_state_dict_strict, read_state_dict
+from .pvt_v2 import build_pvt_v2, load_state_dict_strict, read_state_dict
 
 __all__ = [
     "ConvBlock",
@@ -231,12 +231,8 @@ class PVTCascade(nn.Module):
         checkpoint: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
-        if backbone not in PVT_V2_BUILDERS:
-            raise ValueError(f"PVTCascade: unknown backbone '{backbone}', expected one of {sorted(PVT_V2_BUILDERS)}.")
-        sizes = {k: tuple(v) for k, v in (("embed_dims", embed_dims), ("depths", depths)) if v is not None}
-        self.backbone = PVT_V2_BUILDERS[backbone](drop_path_rate=drop_path_rate, **sizes)
-        if pretrained_backbone is not None:
-            load_pvt_v2_pretrained(self.backbone, pretrained_backbone)
+        self.backbone = build_pvt_v2(backbone, "PVTCascade", pretrained_backbone, embed_dims, depths,
+                                     drop_path_rate=drop_path_rate)
         widths = tuple(reversed(self.backbone.embed_dims))  # (c4, c3, c2, c1)
         self.decoder = CascadeDecoder(widths)
         for k, width in enumerate(widths, start=1):

@@ -50,7 +50,7 @@ from torch import nn
 
 from common.utils.checkpoints import load_state_dict_strict, read_state_dict
 
-from .pvt_v2 import PVT_V2_BUILDERS, load_pvt_v2_pretrained
+from .pvt_v2 import build_pvt_v2
 
 __all__ = [
     "ResidualBlock",
@@ -192,12 +192,8 @@ class TransformerBranch(nn.Module):
         pretrained_backbone: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
-        if backbone not in PVT_V2_BUILDERS:
-            raise ValueError(f"FCBFormer: unknown backbone '{backbone}', expected one of {sorted(PVT_V2_BUILDERS)}.")
-        sizes = {k: v for k, v in (("embed_dims", embed_dims), ("depths", depths)) if v is not None}
-        pvt = PVT_V2_BUILDERS[backbone](in_chans=in_channels, drop_path_rate=drop_path_rate, **sizes)
-        if pretrained_backbone is not None:
-            load_pvt_v2_pretrained(pvt, pretrained_backbone)
+        pvt = build_pvt_v2(backbone, "FCBFormer", pretrained_backbone, embed_dims, depths, in_chans=in_channels,
+                           drop_path_rate=drop_path_rate)
         # official layout: Sequential(patch_embed1, block1, norm1, ..., patch_embed4, block4, norm4)
         self.backbone = nn.Sequential(*pvt.children())
         self.LE = nn.ModuleList(_rb_stack(c, channels, num_groups) for c in pvt.embed_dims)

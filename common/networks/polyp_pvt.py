@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pvt_v2 import PVT_V2_BUILDERS, load_pvt_v2_pretrained, load_state_dict_strict, read_state_dict
+from .pvt_v2 import build_pvt_v2, load_state_dict_strict, read_state_dict
 
 __all__ = [
     "BasicConv2d",
@@ -241,13 +241,8 @@ class PolypPVT(nn.Module):
         checkpoint: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
-        if backbone not in PVT_V2_BUILDERS:
-            raise ValueError(f"PolypPVT: unknown backbone '{backbone}', expected one of {sorted(PVT_V2_BUILDERS)}.")
-        self.backbone = PVT_V2_BUILDERS[backbone](
-            in_chans=in_channels, drop_rate=dropout, drop_path_rate=drop_path_rate
-        )
-        if pretrained_backbone is not None:
-            load_pvt_v2_pretrained(self.backbone, pretrained_backbone)
+        self.backbone = build_pvt_v2(backbone, "PolypPVT", pretrained_backbone, in_chans=in_channels,
+                                     drop_rate=dropout, drop_path_rate=drop_path_rate)
         c1, c2, c3, c4 = self.backbone.embed_dims
         self.Translayer2_0 = BasicConv2d(c1, channel, 1)
         self.Translayer2_1 = BasicConv2d(c2, channel, 1)

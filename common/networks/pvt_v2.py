@@ -41,6 +41,7 @@ __all__ = [
     "pvt_v2_b3",
     "pvt_v2_b4",
     "pvt_v2_b5",
+    "build_pvt_v2",
     "PVT_V2_BUILDERS",
     "read_state_dict",
     "load_state_dict_strict",
@@ -401,3 +402,32 @@ def load_pvt_v2_pretrained(model: PyramidVisionTransformerV2, path: str | os.Pat
     state_dict = {k: v for k, v in read_state_dict(path).items() if not k.startswith("head.")}
     load_state_dict_strict(model, state_dict, path)
     logger.info("loaded PVTv2 ImageNet weights from '%s' (%d tensors)", path, len(state_dict))
+
+
+def build_pvt_v2(
+    name: str,
+    owner: str,
+    pretrained: str | os.PathLike | None = None,
+    embed_dims: Sequence[int] | None = None,
+    depths: Sequence[int] | None = None,
+    **kwargs,
+) -> PyramidVisionTransformerV2:
+    """The PVTv2 backbone ``name`` of a segmentation network, with its official ImageNet file when given.
+
+    Args:
+        name: a key of ``PVT_V2_BUILDERS`` (``pvt_v2_b0`` .. ``pvt_v2_b5``).
+        owner: the network asking (named in the error).
+        pretrained: official ImageNet checkpoint, see :func:`load_pvt_v2_pretrained`.
+        embed_dims, depths: sizes replacing the variant's (tiny test backbones); None keeps the published ones.
+        kwargs: other arguments of :class:`PyramidVisionTransformerV2` (``in_chans``, ``drop_path_rate``, ...).
+
+    Raises:
+        ValueError: unknown ``name``.
+    """
+    if name not in PVT_V2_BUILDERS:
+        raise ValueError(f"{owner}: unknown backbone '{name}', expected one of {sorted(PVT_V2_BUILDERS)}.")
+    sizes = {k: tuple(v) for k, v in (("embed_dims", embed_dims), ("depths", depths)) if v is not None}
+    model = PVT_V2_BUILDERS[name](**sizes, **kwargs)
+    if pretrained is not None:
+        load_pvt_v2_pretrained(model, pretrained)
+    return model
