@@ -102,7 +102,7 @@ def test_inference_writes_label_maps_on_the_input_grid(trained):
 def test_inference_without_weights_builds(tmp_path):
     """What verify/lint builds: load_pretrain=False needs no models/model.pt."""
     wf = workflow(tmp_path, "inference", ["inference.json"], load_pretrain=False, **TINY)
-    assert isinstance(wf.parser.get_parsed_content("network_def"), DualVNet)  # common.networks, not engines
+    assert isinstance(wf.parser.get_parsed_content("network_def"), DualVNet)  # DHC's pair, built by method name
 
 
 def test_resume_continues_from_the_last_epoch(trained, tmp_path):
@@ -120,16 +120,23 @@ def test_resume_continues_from_the_last_epoch(trained, tmp_path):
     assert latest_training_state(root / "models").name == "training_state_epoch=3.pt"
 
 
-@pytest.mark.parametrize("method, cls, init", [("cps", "CPS", "xavier"), ("uamt", "UAMT", "kaiming"),
-                                               ("simis", "SimiS", "kaiming"), ("crest", "CReST", "kaiming"),
-                                               ("depl", "DePL", "kaiming")])
-def test_baselines_are_one_override(tmp_path, method, cls, init):
+@pytest.mark.parametrize("method, cls, branches", [
+    ("cps", "CPS", "AB"), ("uamt", "UAMT", "A"), ("simis", "SimiS", "AB"), ("crest", "CReST", "AB"),
+    ("depl", "DePL", "AB"), ("urpc", "URPC", "A"), ("adsh", "Adsh", "AB"), ("cld", "CLD", "AB"), ("dst", "DST", "AB"),
+    ("acisis", "ACISIS", "A"), ("ssnet", "SSNet", "A")])
+def test_baselines_are_one_override(tmp_path, method, cls, branches):
     wf = workflow(tmp_path, "train", ["train.json"], method=method, epochs=1, **TRAIN_TINY)
     assert type(wf.parser.get_parsed_content("co_training_method")).__name__ == cls
     network = wf.parser.get_parsed_content("network")
-    assert network.branches == ("A" if method == "uamt" else "AB")
+    assert network.branches == branches
     run(wf)
-    assert (tmp_path / "models" / "model.pt").is_file()
+    weights = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    # single-network methods have no branch B and no second optimiser; the inference config builds the same net
+    has_b = method not in ("urpc", "ssnet")
+    assert {key.split(".")[0] for key in weights} == ({"branch_a", "branch_b"} if has_b else {"branch_a"})
+    assert ("optimizer_b" in torch.load(latest_training_state(tmp_path / "models"), weights_only=True)) == has_b
+    infer = workflow(tmp_path, "inference", ["inference.json"], method=method, **TINY)
+    infer.parser.get_parsed_content("network_def").load_state_dict(weights)
     if method in ("simis", "crest"):  # the class weights are method state, saved for resuming, and have moved
         state = torch.load(latest_training_state(tmp_path / "models"), weights_only=True)["method"]
         weights = state[f"{method}_a.weights"]

@@ -18,8 +18,8 @@ from common.engines.co_training import (
     CoTrainingTrainer,
     ProbabilitySlidingWindowInferer,
     RepeatedRandomSampler,
-    build_method,
 )
+from common.engines.co_training_methods import build_method
 from common.engines.sliding_window import dhc_sliding_window
 from common.networks.vnet import DualVNet
 
@@ -194,6 +194,6 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="unlabelled loader is empty"):
         CoTrainingTrainer(device="cpu", max_epochs=1, train_data_loader=labelled, network=net, optimizer=opt,
                           loss_function=None, unlabelled_loader=[], method=DHC(C, [10, 5, 2, 1]), optimizer_b=opt)
-    with pytest.raises(ValueError, match="two branches"):
+    with pytest.raises(ValueError, match="method CPS needs a network holding branch_a"):
         CoTrainingTrainer(device="cpu", max_epochs=1, train_data_loader=labelled, network=net.branch_a,
                           optimizer=opt, loss_function=None, unlabelled_loader=[1], method=CPS(C), optimizer_b=opt)

@@ -138,6 +138,16 @@ def test_training_state_holds_the_scaler_and_the_saver(tmp_path, restore_umask):
     assert state["trainer"]["iteration"] == 1  # one batch, one epoch
 
 
+def test_training_state_leaves_out_objects_a_setting_does_not_build(tmp_path):
+    # a single-network method has no second optimiser: the config names optimizer_b = None
+    net = nn.Linear(1, 1)
+    trainer = Engine(lambda engine, batch: None)
+    TrainingStateCheckpoint(tmp_path, {"model": net, "optimizer_b": None}).attach(trainer)
+    trainer.run([0], max_epochs=1)
+    state = torch.load(tmp_path / "training_state_epoch=1.pt", weights_only=True)
+    assert sorted(state) == ["model", "trainer"]
+
+
 class _NotAWeight:
     """An arbitrary pickled object: the weights-only reader must still refuse it."""
 

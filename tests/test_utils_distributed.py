@@ -46,8 +46,13 @@ def _worker(rank: int, store: str, results: dict) -> None:
         out["min"] = all_reduce_extreme(scores, largest=False)
         param = torch.nn.Parameter(torch.zeros(2))
         param.grad = torch.tensor([2.0 * rank, 1.0])  # rank 0: [0, 1], rank 1: [2, 1]
-        average_gradients([param])
+        # a head used on rank 1 only (its class is absent from rank 0's batch), and one used nowhere
+        head, unused = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+        if rank == 1:
+            head.grad = torch.tensor([4.0])
+        average_gradients([param, head, unused])
         out["grad"] = param.grad.clone()
+        out["head_grad"], out["unused_grad"] = head.grad.clone(), unused.grad
         buffer = torch.full((2,), float(rank))
         broadcast_from_rank0([buffer])
         out["buffer"] = buffer
@@ -74,6 +79,7 @@ def test_two_ranks_share_global_batch_statistics(tmp_path):
         assert out["sum"].item() == 3.0  # 1 + 2
         assert out["max"].tolist() == [1.0, 5.0] and out["min"].tolist() == [0.0, 1.0]  # of [0, 5] and [1, 1]
         assert out["grad"].tolist() == [1.0, 1.0]  # ([0, 1] + [2, 1]) / 2
+        assert out["head_grad"].tolist() == [2.0] and out["unused_grad"] is None  # (0 + 4) / 2; no rank: None
         assert out["buffer"].tolist() == [0.0, 0.0]  # rank 0's values everywhere
     # Sparsam's per-rank centres: rank 0 [(1 + 3) / 2, 0] = [2, 0], rank 1 [0, 2]
     assert results[0]["center_per_rank"].tolist() == [[2.0, 0.0]]

@@ -65,8 +65,6 @@ from common.utils.ramps import consistency_weight_in_epoch, lr_in_epoch, sigmoid
 from common.utils.schedules import ema_update
 
 __all__ = [
-    "METHODS",
-    "NEEDS_LABELLED_COUNTS",
     "RepeatedRandomSampler",
     "CoTrainingMethod",
     "DHC",
@@ -75,7 +73,6 @@ __all__ = [
     "CReST",
     "DePL",
     "UAMT",
-    "build_method",
     "labelled_class_counts",
     "ProbabilitySlidingWindowInferer",
     "CoTrainingTrainer",
@@ -137,17 +134,19 @@ def labelled_class_counts(data: Sequence[Mapping[str, Any]], transform: Any, num
         raise ValueError("labelled_class_counts: the labelled datalist is empty")
     total = torch.zeros(num_classes, dtype=torch.float64)
     for item in data:
-        total += class_counts(torch.as_tensor(transform(dict(item))["label"]), num_classes)
+        total += class_counts(convert_to_tensor(transform(dict(item))["label"], track_meta=False), num_classes)
     return total
 
 
 class CoTrainingMethod(nn.Module):
     """Loss of one co-training iteration; state (class weights) lives in buffers, so a checkpoint restores it.
 
-    Subclasses implement :meth:`forward`; ``trains_b`` says whether branch B has its own optimiser step.
+    Subclasses implement :meth:`forward`; ``trains_b`` says whether branch B has its own optimiser step,
+    ``uses_b`` whether the method has a branch B at all (single-network methods get ``net_b=None``).
     """
 
     trains_b: bool = True
+    uses_b: bool = True
 
     def forward(  # type: ignore[override]
         self, net_a: nn.Module, net_b: nn.Module, image: torch.Tensor, label: torch.Tensor, consistency: float,
@@ -156,7 +155,7 @@ class CoTrainingMethod(nn.Module):
         """One iteration's loss.
 
         Args:
-            net_a, net_b: the two branches (in ``train()`` mode).
+            net_a, net_b: the two branches (in ``train()`` mode); ``net_b`` is None when ``uses_b`` is False.
             image: ``[L + U, 1, d, h, w]``, labelled patches first.
             label: ``[L, 1, d, h, w]`` class indices of the labelled patches.
             consistency: λ of this epoch.
@@ -200,13 +199,18 @@ class CPS(CoTrainingMethod):
                              f"expects num_classes={self.num_classes}")
         return z_a, z_b
 
+    def cross_predictions(self, net_a: nn.Module, net_b: nn.Module, image: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(z^A, z^B, ŷ^A, ŷ^B)``: both branches' logits and their detached arg-max ``[N, d, h, w]``."""
+        z_a, z_b = self.branch_logits(net_a, net_b, image)
+        return z_a, z_b, z_a.argmax(dim=1).detach(), z_b.argmax(dim=1).detach()
+
     def forward(  # type: ignore[override]
         self, net_a: nn.Module, net_b: nn.Module, image: torch.Tensor, label: torch.Tensor, consistency: float,
         epoch: int,
     ) -> dict[str, torch.Tensor]:
         n = label.shape[0]
-        z_a, z_b = self.branch_logits(net_a, net_b, image)
-        pseudo_a, pseudo_b = z_a.argmax(dim=1).detach(), z_b.argmax(dim=1).detach()
+        z_a, z_b, pseudo_a, pseudo_b = self.cross_predictions(net_a, net_b, image)
         w_a, w_b = self.weights(z_a, z_b, label)
         sup = self.supervised(z_a[:n], label, w_a) + self.supervised(z_b[:n], label, w_b)
         cps = self.pseudo(z_a, pseudo_b, w_a) + self.pseudo(z_b, pseudo_a, w_b)
@@ -429,34 +433,6 @@ class UAMT(CoTrainingMethod):
         ema_update(net_b, net_a, self.momentum(epoch))
 
 
-METHODS: dict[str, type[CoTrainingMethod]] = {"dhc": DHC, "cps": CPS, "uamt": UAMT, "simis": SimiS, "crest": CReST,
-                                             "depl": DePL}
-NEEDS_LABELLED_COUNTS = ("dhc", "simis", "crest")
-"""Methods whose class weights start from the labelled class histogram."""
-"""Methods selectable by name (the bundle's ``method`` id)."""
-
-
-def build_method(name: str, num_classes: int, labelled_counts: torch.Tensor | None = None,
-                 max_epochs: int = 300, patch_size: Sequence[int] | None = None, **kwargs: Any) -> CoTrainingMethod:
-    """The method called ``name`` (a key of :data:`METHODS`); ``labelled_counts`` feeds the class weights of
-    DHC (DistDW), SimiS and CReST, ``max_epochs`` UA-MT's threshold ramp, ``patch_size`` DePL's ``q̂``; other
-    keyword arguments go to the constructor."""
-    key = str(name).lower()
-    if key not in METHODS:
-        raise ValueError(f"unknown co-training method {name!r}; choose one of {sorted(METHODS)}")
-    if key in NEEDS_LABELLED_COUNTS:
-        if labelled_counts is None:
-            raise ValueError(f"build_method({key!r}): labelled_counts (the labelled class histogram) is required")
-        return METHODS[key](num_classes, labelled_counts, **kwargs)
-    if key == "depl":
-        if patch_size is None:
-            raise ValueError("build_method('depl'): patch_size (the training patch, the shape of q̂) is required")
-        return DePL(num_classes, patch_size, **kwargs)
-    if key == "uamt":
-        return UAMT(num_classes, max_epochs=max_epochs, **kwargs)
-    return CPS(num_classes, **kwargs)
-
-
 class ProbabilitySlidingWindowInferer(SlidingWindowInferer):
     """DHC's sliding window (specs/dhc.md §6): window size ``roi_size``, steps ``strides``, uniform blending of
     ``softmax(network(window))``; returns class probabilities ``[B, C, D, H, W]``.
@@ -503,10 +479,10 @@ class CoTrainingTrainer(SupervisedTrainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        for name in ("branch_a", "branch_b"):
+        for name in ("branch_a", "branch_b") if method.uses_b else ("branch_a",):
             if not isinstance(getattr(self.network, name, None), nn.Module):
-                raise ValueError(f"CoTrainingTrainer: network must hold two branches (branch_a, branch_b), e.g. a "
-                                 f"DualVNet; got {type(self.network).__name__}")
+                raise ValueError(f"CoTrainingTrainer: method {type(method).__name__} needs a network holding "
+                                 f"{name}, e.g. a DualVNet; got {type(self.network).__name__}")
         if method.trains_b and optimizer_b is None:
             raise ValueError(f"CoTrainingTrainer: method {type(method).__name__} trains branch B and needs "
                              "optimizer_b")
@@ -587,7 +563,8 @@ class CoTrainingTrainer(SupervisedTrainer):
         image = convert_to_tensor(torch.cat([image_l, image_u]), track_meta=False)
         label = convert_to_tensor(label, track_meta=False)
         epoch = engine.state.epoch - 1
-        net_a, net_b = engine.network.branch_a, engine.network.branch_b
+        net_a = engine.network.branch_a
+        net_b = engine.network.branch_b if self.method.uses_b else None
         engine.network.train()
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=engine.optim_set_to_none)

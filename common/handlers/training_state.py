@@ -57,7 +57,9 @@ class TrainingStateCheckpoint:
 
     Args:
         save_dir: folder of the state files (created when missing).
-        save_dict: objects with a ``state_dict`` to save besides the trainer, e.g. ``{"model": net, "optimizer": opt}``.
+        save_dict: objects with a ``state_dict`` to save besides the trainer, e.g. ``{"model": net, "optimizer": opt}``;
+            None values are left out (a config can name an object that only some settings build, e.g. a second
+            optimiser).
         resume: load the newest state file when the trainer starts.
         save_interval: epochs between two saves.
         n_saved: how many state files to keep.
@@ -78,7 +80,7 @@ class TrainingStateCheckpoint:
         if save_interval < 1:
             raise ValueError(f"TrainingStateCheckpoint: save_interval must be >= 1, got {save_interval}")
         self.save_dir = Path(save_dir)
-        self.save_dict = dict(save_dict)
+        self.save_dict = {key: value for key, value in save_dict.items() if value is not None}
         self.resume = resume
         self.save_interval = save_interval
         self.n_saved = n_saved

@@ -19,20 +19,22 @@ from torch.nn.modules.loss import _Loss
 
 from common.utils.distributed import all_reduce_sum
 
-__all__ = ["WeightedCEDiceLoss", "batch_dice", "hard_batch_dice", "weighted_cross_entropy", "weighted_dice_loss"]
+__all__ = ["WeightedCEDiceLoss", "batch_dice", "check_logits", "hard_batch_dice", "label_map", "weighted_cross_entropy",
+           "weighted_dice_loss"]
 
 logger = logging.getLogger(__name__)
 
 DICE_EPS = 1e-8  # added to every Dice denominator on top of the smoothing term (specs/dhc.md §4.1, §4.4)
 
 
-def _check_logits(logits: torch.Tensor, name: str) -> int:
+def check_logits(logits: torch.Tensor, name: str) -> int:
+    """The class count ``C`` of ``logits`` ``[B, C, *spatial]``; ``name`` (the caller) is named when ``C < 2``."""
     if logits.ndim < 3 or logits.shape[1] < 2:
         raise ValueError(f"{name}: logits must be [B, C, *spatial] with C >= 2, got shape {tuple(logits.shape)}")
     return logits.shape[1]
 
 
-def _label_map(target: torch.Tensor, logits: torch.Tensor, name: str) -> torch.Tensor:
+def label_map(target: torch.Tensor, logits: torch.Tensor, name: str) -> torch.Tensor:
     """``target`` ``[B, 1, *spatial]`` or ``[B, *spatial]``, integer values in ``[0, C)`` -> long ``[B, *spatial]``."""
     num_classes, spatial = logits.shape[1], logits.shape[2:]
     if target.ndim == logits.ndim and target.shape[1] == 1:
@@ -108,8 +110,8 @@ def hard_batch_dice(logits: torch.Tensor, target: torch.Tensor, smooth: float = 
     Returns:
         ``[C]`` float32 Dice per class, detached.
     """
-    num_classes = _check_logits(logits, "hard_batch_dice")
-    labels = _label_map(target, logits, "hard_batch_dice")
+    num_classes = check_logits(logits, "hard_batch_dice")
+    labels = label_map(target, logits, "hard_batch_dice")
     pred = _one_hot(logits.argmax(dim=1), num_classes, torch.float32)
     return batch_dice(pred, _one_hot(labels, num_classes, torch.float32), smooth, over_ranks)
 
@@ -136,8 +138,8 @@ def weighted_cross_entropy(
     Returns:
         scalar.
     """
-    num_classes = _check_logits(logits, "weighted_cross_entropy")
-    labels = _label_map(target, logits, "weighted_cross_entropy")
+    num_classes = check_logits(logits, "weighted_cross_entropy")
+    labels = label_map(target, logits, "weighted_cross_entropy")
     weight = _check_weight(weight, num_classes, "weighted_cross_entropy").to(logits.device)
     voxel_ce = F.cross_entropy(logits.float(), labels, reduction="none")
     voxel_weight = weight[labels]
@@ -166,8 +168,8 @@ def weighted_dice_loss(
     Returns:
         scalar.
     """
-    num_classes = _check_logits(logits, "weighted_dice_loss")
-    labels = _label_map(target, logits, "weighted_dice_loss")
+    num_classes = check_logits(logits, "weighted_dice_loss")
+    labels = label_map(target, logits, "weighted_dice_loss")
     weight = _check_weight(weight, num_classes, "weighted_dice_loss").to(logits.device)
     probs = torch.softmax(logits.float(), dim=1)
     dice = batch_dice(probs, _one_hot(labels, num_classes, probs.dtype), smooth)

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from common.networks.branches import BRANCH_OUTPUTS, Branches
 from common.utils.checkpoints import load_checkpoint, load_state_dict_strict
 
 __all__ = [
@@ -261,12 +262,13 @@ def xavier_normal_init_(module: nn.Module) -> nn.Module:
     return module
 
 
-class DualVNet(nn.Module):
-    """Both branches of a co-training pair in one module; ``forward`` is the ensemble of their logits.
+class DualVNet(Branches):
+    """Both VNet branches of a co-training pair in one module; ``forward`` is the ensemble of their logits.
 
     ``forward(x) = (z_A + z_B) / 2`` (``branches="AB"``, DHC's ``--cps AB`` test) or one branch's logits
     (``"A"``: the UA-MT student). ``[B, in_channels, D, H, W] -> [B, out_channels, D, H, W]``, D, H, W divisible
-    by 16. Its ``state_dict`` holds ``branch_a.*`` and ``branch_b.*`` (one ``model.pt`` for both branches).
+    by 16. Its ``state_dict`` holds ``branch_a.*`` and ``branch_b.*`` (one ``model.pt`` for both branches); see
+    :class:`~common.networks.branches.Branches`.
 
     Args:
         in_channels, out_channels, n_filters, normalization, has_dropout, dropout: those of :class:`VNet`, for
@@ -286,24 +288,14 @@ class DualVNet(nn.Module):
         init_b: str = "kaiming",
         branches: str = "AB",
     ) -> None:
-        super().__init__()
         if init_b not in ("kaiming", "xavier"):
             raise ValueError(f"DualVNet: init_b must be 'kaiming' or 'xavier', got {init_b!r}")
-        if branches not in ("AB", "A", "B"):
+        if branches not in BRANCH_OUTPUTS:
             raise ValueError(f"DualVNet: branches must be 'AB', 'A' or 'B', got {branches!r}")
-        self.branches = branches
-        self.branch_a = kaiming_normal_init_(VNet(in_channels, out_channels, n_filters, normalization, has_dropout,
-                                                  dropout))
+        branch_a = kaiming_normal_init_(VNet(in_channels, out_channels, n_filters, normalization, has_dropout, dropout))
         branch_b = VNet(in_channels, out_channels, n_filters, normalization, has_dropout, dropout)
-        self.branch_b = kaiming_normal_init_(branch_b) if init_b == "kaiming" else xavier_normal_init_(branch_b)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, C, D, H, W]``: the mean of the selected branches' logits."""
-        if self.branches == "A":
-            return self.branch_a(x)
-        if self.branches == "B":
-            return self.branch_b(x)
-        return (self.branch_a(x) + self.branch_b(x)) / 2.0
+        init = kaiming_normal_init_ if init_b == "kaiming" else xavier_normal_init_
+        super().__init__(branch_a, init(branch_b), branches)
 
 
 def load_dhc_checkpoint(network: nn.Module, path: str | os.PathLike, branch: str = "A") -> nn.Module:

@@ -43,13 +43,24 @@ def all_reduce_extreme(tensor: torch.Tensor, largest: bool) -> torch.Tensor:
 def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
     """Replace every gradient by its mean over the ranks (what DDP does, without wrapping the network, so that
     ``state_dict`` keys keep their names and engines with several optimisers stay simple); nothing in a single
-    process. Every rank must hold gradients for the same parameters (the same phase of the same engine)."""
+    process. A parameter that has a gradient on some ranks only (a class head whose class is absent from one rank's
+    batch) is averaged with zeros from the others; one with a gradient on no rank keeps ``grad = None``. Every rank
+    must pass the same parameters in the same order."""
     world = world_size()
-    if world > 1:
-        for param in parameters:
-            if param.grad is not None:
-                dist.all_reduce(param.grad)
-                param.grad.div_(world)
+    if world <= 1:
+        return
+    params = [param for param in parameters if param.requires_grad]
+    if not params:
+        return
+    present = torch.tensor([param.grad is not None for param in params], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(present)  # how many ranks hold each gradient: the same collective calls follow on every rank
+    for param, count in zip(params, present.tolist()):
+        if count == 0:
+            continue
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad)
+        param.grad.div_(world)
 
 
 def broadcast_from_rank0(tensors: Iterable[torch.Tensor]) -> None:
