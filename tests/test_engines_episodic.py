@@ -1,8 +1,10 @@
-"""Episodic engines (specs/cdtg.md §3, §4.7): the K-shot vote by hand, real ignite runs on synthetic episodes.
+"""Episodic engines (specs/cdtg.md §3, §4.7): the K-shot vote by hand, real ignite runs on synthetic episodes, a
+host's own training objective, per-episode test-time fine-tuning, K-shot hosts, the primed fine-tuning inferer.
 
-Two stand-in networks with the contract §2 call signature: ``PrototypeNet`` (learnable 1x1-conv embedding, logits =
-scaled cosine of each query pixel to the support's bg / fg prototypes) and ``SupportMaskNet`` (no parameters; its
-1-shot prediction *is* the support mask, so the K-shot prediction is the vote of the support masks, known by hand).
+Stand-in networks with the contract §2 call signature: ``PrototypeNet`` (learnable 1x1-conv embedding, logits =
+scaled cosine of each query pixel to the support's bg / fg prototypes), ``SupportMaskNet`` (no parameters; its
+1-shot prediction *is* the support mask, so the K-shot prediction is the vote of the support masks, known by hand),
+and, further down, one-parameter hosts whose episode loss, fine-tuning and K-shot rule are computable by hand.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from common.engines.episodic import EpisodicEvaluator, EpisodicTrainer, episode_batch, vote_shots
+from common.engines.inferers import PrimedFinetuneInferer
 from common.metrics.fewshot import FewShotIoUMetric
+from common.networks.fewshot_host import PrimedSupport
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -200,3 +204,145 @@ def test_bad_batches() -> None:
     evaluator = EpisodicEvaluator("cpu", [batch], WrongSize())
     with pytest.raises(ValueError, match=r"\[B, 2, H, W\]"):
         evaluator.run()
+
+
+class ScaledMaskNet(nn.Module):
+    """Logits ``w [1 - m, m]``: the support mask scaled by one parameter ``w`` (1 at the start); its own episode
+    objective adds ``0.5 w^2`` to the cross-entropy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+        self.episode_calls = 0
+
+    def forward(self, q, s, m, class_text=None, background_text=None):
+        return self.w * torch.stack([1 - m, m], dim=1)
+
+    def episode_loss(self, q, s, m, query_mask, class_text=None, background_text=None):
+        self.episode_calls += 1
+        logits = self(q, s, m)
+        return F.cross_entropy(logits, query_mask) + 0.5 * self.w ** 2, logits
+
+
+@pytest.mark.parametrize("explicit_loss", [False, True])
+def test_trainer_uses_the_hosts_episode_loss(explicit_loss: bool) -> None:
+    # one episode, query mask = support mask = rows 0-1: every pixel's correct class has logit w = 1, the other 0,
+    # so CE = ln(1 + e^-1) = 0.313262 at every pixel and dCE/dw = -e^-1 / (1 + e^-1) = -0.268941.
+    # episode loss: L = 0.313262 + 0.5 * 1^2 = 0.813262, dL/dw = -0.268941 + 1 = 0.731059 -> SGD 0.1: w = 0.926894
+    # an explicit loss_function (CE) wins: L = 0.313262, w = 1 + 0.1 * 0.268941 = 1.026894
+    net = ScaledMaskNet()
+    loader = DataLoader(ListDataset([_episode(0, _rows(0, 1), _rows(0, 1)[None], 0)]), batch_size=1)
+    trainer = EpisodicTrainer("cpu", 1, loader, net, torch.optim.SGD(net.parameters(), lr=0.1),
+                              loss_function=nn.CrossEntropyLoss() if explicit_loss else None)
+    assert trainer.uses_episode_loss is not explicit_loss
+    trainer.run()
+    loss, w = (0.313262, 1.026894) if explicit_loss else (0.813262, 0.926894)
+    assert float(trainer.state.output["loss"]) == pytest.approx(loss, abs=1e-6)
+    assert net.w.item() == pytest.approx(w, abs=1e-6)
+    assert net.episode_calls == (0 if explicit_loss else 1)
+    assert torch.equal(trainer.state.output["pred"], _rows(0, 1)[None].long())  # arg-max of w [1 - m, m]
+
+
+class ShiftNet(nn.Module):
+    """Logits ``[0, b]`` at every pixel (all foreground once ``b > 0``; ``b = 0`` ties go to the background).
+    ``finetune`` records ``b`` and the supports' shape, leaves a gradient and adds ``steps`` to ``b``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = nn.Parameter(torch.zeros(()))
+        self.seen: list[tuple[float, tuple[int, ...]]] = []
+
+    def forward(self, q, s, m, class_text=None, background_text=None):
+        return torch.stack([torch.zeros_like(q[:, 0]), self.b.expand_as(q[:, 0])], dim=1)
+
+    def finetune_parameters(self):
+        return [("b", self.b)]
+
+    def finetune(self, q, s, m, class_text=None, background_text=None, steps=1):
+        self.seen.append((self.b.item(), tuple(s.shape)))
+        with torch.enable_grad():
+            (-self.b).backward()
+        with torch.no_grad():
+            self.b += steps
+        return [0.0] * steps
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_evaluator_finetunes_per_batch_and_restores(steps: int) -> None:
+    net = ShiftNet()
+    loader = DataLoader(ListDataset(_hand_episodes()), batch_size=1)
+    evaluator = EpisodicEvaluator("cpu", loader, net, finetune_steps=steps,
+                                  key_val_metric={"miou": FewShotIoUMetric(2)})
+    evaluator.run()
+    # fine-tuned: b = 2 > 0 predicts everything foreground. A: G = rows 0-1, I = 8, U = 16 -> 1/2; B: G = row 3,
+    # I = 4, U = 16 -> 1/4; mIoU = 100 (1/2 + 1/4) / 2 = 37.5. Without fine-tuning nothing is foreground: 0.
+    assert evaluator.state.metrics["miou"] == pytest.approx(37.5 if steps else 0.0)
+    # each batch started from the trained b = 0 with its K = 3 supports [B, K, 3, H, W]; b is back, without gradient
+    assert net.seen == ([(0.0, (1, 3, 3, 4, 4))] * 2 if steps else [])
+    assert net.b.item() == 0.0 and net.b.grad is None
+
+
+def test_evaluator_refuses_finetuning_a_network_without_it() -> None:
+    with pytest.raises(ValueError, match=r"finetune_steps=3, but SupportMaskNet has no test-time fine-tuning"):
+        EpisodicEvaluator("cpu", [], SupportMaskNet(), finetune_steps=3)
+    with pytest.raises(ValueError, match="integer >= 0"):
+        EpisodicEvaluator("cpu", [], ShiftNet(), finetune_steps=-1)
+
+
+class MeanMaskNet(nn.Module):
+    """A host with its own K-shot rule (``kshot_forward``): foreground where the mean of the K support masks is
+    above 1/2, in one call on ``[B, K, 3, H, W]`` supports."""
+
+    kshot_forward = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward(self, q, s, m, class_text=None, background_text=None):
+        self.shapes.append(tuple(s.shape))
+        mean = m.mean(dim=1)
+        return torch.stack([torch.full_like(mean, 0.5), mean], dim=1)
+
+
+def test_evaluator_calls_a_kshot_host_once_per_batch() -> None:
+    net = MeanMaskNet()
+    evaluator = EpisodicEvaluator("cpu", DataLoader(ListDataset(_hand_episodes()), batch_size=2), net)
+    preds = []
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda e: preds.append(e.state.output["pred"]))
+    evaluator.run()
+    assert net.shapes == [(2, 3, 3, 4, 4)]  # one call with the K = 3 supports of both episodes
+    # A: mean 1 or 2/3 on row 0 and (1, 0), (1, 1), 1/3 or 0 elsewhere -> the vote's mask; B: (3, 3) 2/3, (3, 2) and
+    # (0, 0) 1/3 -> only (3, 3), where the vote (normalised by its maximum, 2) kept all three
+    assert torch.equal(preds[0], torch.stack([VOTE_A, _cells((3, 3))]).long())
+
+
+class PrimedShiftNet(PrimedSupport, ShiftNet):
+    """:class:`ShiftNet` primed with a support set (the hosts' deployment mode)."""
+
+    text_guide = None
+
+    def __init__(self, support: dict) -> None:
+        super().__init__()
+        self._finish_init(None, support)
+
+    def forward(self, q, s=None, m=None, class_text=None, background_text=None):
+        if self._primed_call(s, m):
+            return self._forward_primed(q)
+        return super().forward(q, s, m)
+
+
+def test_primed_finetune_inferer() -> None:
+    support = {"support_images": torch.zeros(2, 3, 4, 4), "support_masks": torch.stack([_rows(0), _rows(1)])}
+    net = PrimedShiftNet(support)
+    query = torch.zeros(3, 3, 4, 4)
+    # 2 steps: b = 2, both shots all foreground, the vote one-hot all foreground; then b is back to 0
+    out = PrimedFinetuneInferer(steps=2)(query, net)
+    assert torch.equal(out.argmax(dim=1), torch.ones(3, 4, 4, dtype=torch.long))
+    assert net.seen == [(0.0, (3, 2, 3, 4, 4))] and net.b.item() == 0.0 and net.b.grad is None
+    # 0 steps: the network as it is (SimpleInferer): b = 0, nothing foreground
+    assert not PrimedFinetuneInferer()(query, net).argmax(dim=1).any() and len(net.seen) == 1
+    with pytest.raises(ValueError, match="SupportMaskNet is not a few-shot host with a primed support set"):
+        PrimedFinetuneInferer(steps=1)(query, SupportMaskNet())
+    with pytest.raises(ValueError, match="integer >= 0"):
+        PrimedFinetuneInferer(steps=-2)

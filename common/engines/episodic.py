@@ -10,14 +10,23 @@ is any module called as ``logits = network(q, s, m, class_text=..., background_t
 the batch has them.
 
 * :class:`EpisodicTrainer` — one iteration = one batch of 1-shot episodes (the first support of each):
-  ``L = CE(network(q, s_1, m_1), M_q)`` over every pixel (§4.7; the query ignore map is not used by the loss),
-  backward (``GradScaler`` under AMP), gradients averaged over the ranks of a multi-process run, optimiser step.
+  ``L = CE(network(q, s_1, m_1), M_q)`` over every pixel (§4.7; the query ignore map is not used by the loss), or,
+  for a host whose paper trains with more terms (Q-Net's prototype alignment, DMTNet's background and coarse
+  terms, IFA's bi-directional terms), its own objective ``(L, logits) = network.episode_loss(q, s_1, m_1, M_q,
+  class_text=..., background_text=...)``; backward (``GradScaler`` under AMP), gradients averaged over the ranks of
+  a multi-process run, optimiser step.
 * :class:`EpisodicEvaluator` — K forward passes per episode, one per support, ``P_k = argmax logits_k``, merged by
   :func:`vote_shots` (§3, HSNet's ``predict_mask_nshot``)::
 
       V(x) = sum_k P_k(x),   P(x) = 1[ V(x) / max(max_x' V(x'), 1) >= 0.5 ]      (K > 1; P = P_1 for K = 1)
 
-  normalised by the episode's own maximum vote, not by K.
+  normalised by the episode's own maximum vote, not by K. A host with its own K-shot rule (``kshot_forward``, IFA's
+  prototype mean) is called once with the K supports ``[B, K, 3, H, W]`` instead. With ``finetune_steps > 0`` the
+  host first adapts on the batch's supports (test-time fine-tuning: DMTNet's TSF, IFA's fine-tuning, PATNet's TFI;
+  ``network.finetune(q, S [B, K, 3, H, W], M [B, K, H, W], ..., steps=finetune_steps)``, the K shots handled as its
+  paper does), predicts, and gets its fine-tuned parameters back
+  (:func:`common.networks.fewshot_host.finetuned`), so every batch of episodes starts from the trained weights;
+  with the default ``batch_size`` 1, every episode. Fine-tuning runs in eval mode, in float32.
 
 Both engines output (``decollate`` is False: a batch-first dict) ``pred [B, H, W]`` long, ``label [B, H, W]``
 long (the query mask), ``class_id [B]``, ``ignore [B, H, W]`` (None when the batch has no ``query_ignore``), read
@@ -44,6 +53,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from common.engines.optimiser_step import backward_and_step
+from common.networks.fewshot_host import finetuned, supports_finetuning
 from common.networks.shot_vote import vote_shots
 from common.utils.distributed import broadcast_from_rank0
 
@@ -125,7 +135,9 @@ class EpisodicTrainer(SupervisedTrainer):
         train_data_loader: loader of collated episodes.
         network: the few-shot network (contract §2 call signature).
         optimizer: its optimiser (Adam, lr 1e-3 in PATNet).
-        loss_function: ``loss(logits [B, 2, H, W], query_mask [B, H, W] long)``; default ``nn.CrossEntropyLoss()``.
+        loss_function: ``loss(logits [B, 2, H, W], query_mask [B, H, W] long)``; default ``nn.CrossEntropyLoss()``,
+            or the network's own ``episode_loss`` when it has one (module docstring). An explicit ``loss_function``
+            is used for every network.
         kwargs: the other arguments of ``monai.engines.SupervisedTrainer`` (``key_train_metric``, ``train_handlers``,
             ``amp``, ...); ``decollate`` defaults to False. The ``inferer`` and ``prepare_batch`` are not used.
     """
@@ -136,6 +148,7 @@ class EpisodicTrainer(SupervisedTrainer):
         kwargs.setdefault("decollate", False)
         super().__init__(device=device, max_epochs=max_epochs, train_data_loader=train_data_loader, network=network,
                          optimizer=optimizer, loss_function=loss_function or nn.CrossEntropyLoss(), **kwargs)
+        self.uses_episode_loss = loss_function is None and callable(getattr(network, "episode_loss", None))
         self.add_event_handler(Events.STARTED, self._broadcast_parameters)
 
     def _broadcast_parameters(self, engine: EpisodicTrainer) -> None:
@@ -155,12 +168,18 @@ class EpisodicTrainer(SupervisedTrainer):
         use_scaler = engine.amp and engine.scaler is not None
         engine.state.output = {Keys.IMAGE: ep["query_image"], Keys.LABEL: label, "class_id": ep["class_id"],
                                "ignore": ep["query_ignore"]}
+        episode = (ep["query_image"], ep["support_images"][:, 0], ep["support_masks"][:, 0])
         with torch.autocast("cuda", enabled=use_scaler, **engine.amp_kwargs):
-            logits = network(ep["query_image"], ep["support_images"][:, 0], ep["support_masks"][:, 0], **ep["text"])
+            if engine.uses_episode_loss:  # the host's own objective, computed in the same pass as its logits
+                loss, logits = network.episode_loss(*episode, label, **ep["text"])
+            else:
+                logits = network(*episode, **ep["text"])
             _check_logits(logits, label, "EpisodicTrainer")
             engine.state.output[Keys.PRED] = logits
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            loss = engine.loss_function(logits.float(), label).mean()
+            if not engine.uses_episode_loss:
+                loss = engine.loss_function(logits.float(), label)
+            loss = loss.float().mean()
             engine.state.output[Keys.LOSS] = loss
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if not torch.isfinite(loss):
@@ -173,7 +192,8 @@ class EpisodicTrainer(SupervisedTrainer):
 
 
 class EpisodicEvaluator(SupervisedEvaluator):
-    """K-shot evaluation by one forward pass per support and the vote of :func:`vote_shots` (module docstring).
+    """K-shot evaluation by one forward pass per support and the vote of :func:`vote_shots`, after optional
+    test-time fine-tuning (module docstring).
 
     Forward passes run under ``torch.no_grad()`` in the evaluator's ``mode`` (eval by default) and, with ``amp``,
     under CUDA autocast.
@@ -182,16 +202,24 @@ class EpisodicEvaluator(SupervisedEvaluator):
         device: torch device.
         val_data_loader: loader of collated episodes (K supports each).
         network: the few-shot network (contract §2 call signature); moved to ``device``.
+        finetune_steps: test-time fine-tuning steps per batch of episodes (0: off); needs a network with
+            ``finetune`` and ``finetune_parameters`` (:mod:`common.networks.fewshot_host`).
         kwargs: the other arguments of ``monai.engines.SupervisedEvaluator`` (``key_val_metric``,
             ``additional_metrics``, ``val_handlers``, ``amp``, ``mode``, ...); ``decollate`` defaults to False.
             The ``inferer`` and ``prepare_batch`` are not used.
     """
 
     def __init__(self, device: str | torch.device, val_data_loader: Iterable | DataLoader, network: nn.Module,
-                 **kwargs: Any) -> None:
+                 finetune_steps: int = 0, **kwargs: Any) -> None:
+        if int(finetune_steps) != finetune_steps or finetune_steps < 0:
+            raise ValueError(f"EpisodicEvaluator: finetune_steps must be an integer >= 0, got {finetune_steps!r}")
+        if finetune_steps > 0 and not supports_finetuning(network):
+            raise ValueError(f"EpisodicEvaluator: finetune_steps={finetune_steps}, but {type(network).__name__} has no "
+                             "test-time fine-tuning (finetune and finetune_parameters); use finetune_steps=0")
         kwargs.setdefault("decollate", False)
         super().__init__(device=device, val_data_loader=val_data_loader, network=network, **kwargs)
         self.network = network.to(self.state.device)
+        self.finetune_steps = int(finetune_steps)
 
     def _iteration(self, engine: EpisodicEvaluator, batchdata: dict[str, Any]) -> dict:  # type: ignore[override]
         """Returns ``{"image", "support_images", "support_masks", "label", "pred", "class_id", "ignore"}``."""
@@ -199,16 +227,22 @@ class EpisodicEvaluator(SupervisedEvaluator):
             raise ValueError("Must provide batch data for current iteration.")
         ep = episode_batch(batchdata, engine.state.device, engine.non_blocking)
         query, supports, masks = ep["query_image"], ep["support_images"], ep["support_masks"]
-        shots = []
-        with engine.mode(engine.network), torch.no_grad(), \
-                torch.autocast("cuda", enabled=engine.amp, **engine.amp_kwargs):
-            for k in range(supports.shape[1]):
-                logits = engine.network(query, supports[:, k], masks[:, k], **ep["text"])
+        network = engine.network
+        with engine.mode(network), finetuned(network, engine.finetune_steps, query, supports, masks, **ep["text"]), \
+                torch.no_grad(), torch.autocast("cuda", enabled=engine.amp, **engine.amp_kwargs):
+            if getattr(network, "kshot_forward", False):  # the host merges the K shots itself, in one call
+                calls = [(supports, masks)]
+            else:
+                calls = [(supports[:, k], masks[:, k]) for k in range(supports.shape[1])]
+            shots = []
+            for support, mask in calls:
+                logits = network(query, support, mask, **ep["text"])
                 _check_logits(logits, ep["query_mask"], "EpisodicEvaluator")
                 shots.append(logits.argmax(dim=1))
+            pred = vote_shots(torch.stack(shots))
         engine.state.output = {
             Keys.IMAGE: query, "support_images": supports, "support_masks": masks, Keys.LABEL: ep["query_mask"],
-            Keys.PRED: vote_shots(torch.stack(shots)), "class_id": ep["class_id"], "ignore": ep["query_ignore"],
+            Keys.PRED: pred, "class_id": ep["class_id"], "ignore": ep["query_ignore"],
         }
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)

@@ -1,4 +1,4 @@
-"""Inferers for networks with several output heads."""
+"""Inferers for networks with several output heads, and for primed few-shot hosts that fine-tune at test time."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import SimpleInferer
 
-__all__ = ["SummedHeadsInferer", "SelectedHeadInferer", "CAMInferer", "DecoderAndCAMInferer"]
+from common.networks.fewshot_host import finetuned
+
+__all__ = ["SummedHeadsInferer", "SelectedHeadInferer", "CAMInferer", "DecoderAndCAMInferer", "PrimedFinetuneInferer"]
 
 
 class SummedHeadsInferer(SimpleInferer):
@@ -90,3 +92,34 @@ class DecoderAndCAMInferer(SimpleInferer):
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         seg = self.decoder(inputs, network, *args, **kwargs)
         return torch.cat([seg.float(), self.cam(inputs, network)], dim=1)
+
+
+class PrimedFinetuneInferer(SimpleInferer):
+    """``SimpleInferer`` for a few-shot host primed with a support set (``set_support``,
+    :class:`~common.networks.fewshot_host.PrimedSupport`), with the host's test-time fine-tuning.
+
+    With ``steps > 0``, for every batch of queries the host first adapts on its primed supports as K-shot episodes
+    (``network.finetune(query, S [B, K, 3, H, W], M [B, K, H, W], ..., steps=steps)``: DMTNet's TSF, IFA's
+    fine-tuning, PATNet's TFI), then segments the queries, then gets its fine-tuned parameters back
+    (:func:`~common.networks.fewshot_host.finetuned`), so every batch starts from the trained weights. With
+    ``steps = 0`` it is ``network(inputs)``, as :class:`~monai.inferers.SimpleInferer`.
+
+    Args:
+        steps: fine-tuning steps per batch of queries (0: off).
+    """
+
+    def __init__(self, steps: int = 0) -> None:
+        super().__init__()
+        if int(steps) != steps or steps < 0:
+            raise ValueError(f"PrimedFinetuneInferer: steps must be an integer >= 0, got {steps!r}")
+        self.steps = int(steps)
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.steps == 0:
+            return network(inputs, *args, **kwargs)
+        if not callable(getattr(network, "primed_episode", None)):
+            raise ValueError(f"PrimedFinetuneInferer: {type(network).__name__} is not a few-shot host with a primed "
+                             "support set (set_support)")
+        supports, masks, text = network.primed_episode(inputs.shape[0])
+        with finetuned(network, self.steps, inputs, supports, masks, **text):
+            return network(inputs, *args, **kwargs)

@@ -232,12 +232,14 @@ class FewShotSweep:
         batch_size, num_workers: of the data loaders.
         amp: CUDA autocast for the forward passes.
         n_examples: episodes shown per figure.
+        finetune_steps: test-time fine-tuning steps of every network per batch of episodes (0: off; see
+            :class:`~common.engines.episodic.EpisodicEvaluator`).
     """
 
     def __init__(self, targets: Mapping[str, Callable[[int], Dataset]], shots: Sequence[int],
                  networks: Mapping[str, nn.Module], alphas: Sequence[float] = (), device: str | torch.device = "cpu",
                  output_dir: str | os.PathLike = ".", batch_size: int = 1, num_workers: int = 0, amp: bool = False,
-                 n_examples: int = 4) -> None:
+                 n_examples: int = 4, finetune_steps: int = 0) -> None:
         if not targets or not networks or not shots:
             raise ValueError(f"FewShotSweep: targets, networks and shots must not be empty (got {len(targets)} "
                              f"targets, {len(networks)} networks, shots {list(shots)})")
@@ -256,6 +258,7 @@ class FewShotSweep:
         self.device = torch.device(device)
         self.output_dir = Path(output_dir)
         self.batch_size, self.num_workers, self.amp, self.n_examples = batch_size, num_workers, amp, n_examples
+        self.finetune_steps = finetune_steps
         self.rows: list[dict[str, Any]] = []
 
     def _runs(self) -> Iterator[tuple[str, nn.Module, float | None]]:
@@ -275,8 +278,9 @@ class FewShotSweep:
             network.text_guide.alpha = alpha
         miou, fbiou = FewShotIoUMetric(n_classes, "miou"), FewShotIoUMetric(n_classes, "fbiou")
         examples = FewShotExamples(self.n_examples)
-        evaluator = EpisodicEvaluator(self.device, loader, network, key_val_metric={"miou": miou},
-                                      additional_metrics={"fbiou": fbiou}, val_handlers=[examples], amp=self.amp)
+        evaluator = EpisodicEvaluator(self.device, loader, network, finetune_steps=self.finetune_steps,
+                                      key_val_metric={"miou": miou}, additional_metrics={"fbiou": fbiou},
+                                      val_handlers=[examples], amp=self.amp)
         class_names: dict[int, str] = {}
 
         def record_names(engine: Engine) -> None:

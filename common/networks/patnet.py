@@ -19,20 +19,21 @@ support ``(I_s, M_s)``, each ``[B, 3, H, W]`` / ``[B, H, W]``:
 5. HPN learner (§4.6): center-pivot 4D squeeze blocks, top-down mixing, support-dim average, 2D decoder ->
    2-class logits at ``H/4``, bilinearly (``align_corners=True``) resized to ``[B, 2, H, W]``.
 
-Optional test-time fine-tuning of the anchors (TFI, §4.7) is ``PATNet.finetune_anchors`` (off unless called).
+Optional test-time fine-tuning of the anchors (TFI, §4.7) is ``PATNet.finetune_anchors`` (off unless called);
+``PATNet.finetune`` is its K-shot form for the episodic evaluator's ``finetune_steps``.
 
 Deployment (inference.json, MONAI Label, TorchScript export): a network *primed* with a support set
 (:meth:`PATNet.set_support`, or the ``support`` constructor argument) segments a query image alone,
 ``forward(query_image)``: one 1-shot pass per support, the K masks merged by the HSNet vote
 (:func:`common.networks.shot_vote.vote_shots`); K = 1 returns the logits, K > 1 the one-hot voted mask. The support
-tensors are non-persistent buffers, so the state dict stays the official one.
+tensors are non-persistent buffers, so the state dict stays the official one (priming, input checks and checkpoint
+loading are the hosts' shared ones, :mod:`common.networks.fewshot_host`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -40,13 +41,22 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from common.networks.center_pivot_conv4d import CenterPivotConv4d
+from common.networks.fewshot_host import (
+    PrimedSupport,
+    TextGuide,
+    check_episode_inputs,
+    check_resnet_shape,
+    init_resnet_parameters,
+    shots_as_batch,
+)
 from common.networks.prototypes import masked_average_pool, resize_mask
-from common.networks.shot_vote import vote_shots
 
 __all__ = [
     "TextGuide",
     "build_resnet_backbone",
     "load_backbone_weights",
+    "frozen_backbone",
+    "pre_relu_bottleneck",
     "extract_bottleneck_features",
     "anchor_transform",
     "apply_anchor_transform",
@@ -58,18 +68,6 @@ __all__ = [
 
 RESNET50_LAYERS = (3, 4, 6, 3)
 RESNET50_WIDTHS = (64, 128, 256, 512)
-
-
-class TextGuide(Protocol):
-    """What PATNet needs from a text plug-in (CD-TG's ``TextGuidedPrototypes``, specs/cdtg.md §5.6)."""
-
-    def augment(self, support_feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Support features of every level, style-augmented in training (identity otherwise)."""
-
-    def fuse(self, stage: int, support_feat: torch.Tensor, mask: torch.Tensor, proto_fg: torch.Tensor,
-             proto_bg: torch.Tensor, class_text: torch.Tensor,
-             background_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fused ``(foreground, background)`` prototypes ``[B, C]`` of one level of ``stage``."""
 
 
 def build_resnet_backbone(layers: Sequence[int] = RESNET50_LAYERS,
@@ -84,11 +82,7 @@ def build_resnet_backbone(layers: Sequence[int] = RESNET50_LAYERS,
     Raises:
         ValueError: ``layers`` or ``widths`` not four positive integers.
     """
-    layers, widths = tuple(int(n) for n in layers), tuple(int(w) for w in widths)
-    if len(layers) != 4 or min(layers) < 1:
-        raise ValueError(f"layers must be 4 bottleneck counts >= 1 (layer1..layer4), got {layers}")
-    if len(widths) != 4 or min(widths) < 1:
-        raise ValueError(f"widths must be 4 positive bottleneck widths (layer1..layer4), got {widths}")
+    layers, widths = check_resnet_shape(layers, widths)
     net = ResNet(Bottleneck, list(layers))
     if widths == RESNET50_WIDTHS:
         return net
@@ -98,12 +92,7 @@ def build_resnet_backbone(layers: Sequence[int] = RESNET50_LAYERS,
     for i, (width, blocks) in enumerate(zip(widths, layers)):
         setattr(net, f"layer{i + 1}", net._make_layer(Bottleneck, width, blocks, stride=1 if i == 0 else 2))
     net.fc = nn.Linear(widths[3] * Bottleneck.expansion, net.fc.out_features)
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    init_resnet_parameters(net)
     return net
 
 
@@ -134,7 +123,24 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     backbone.load_state_dict(state)
 
 
-def _pre_relu_bottleneck(block: Bottleneck, x: torch.Tensor) -> torch.Tensor:
+def frozen_backbone(layers: Sequence[int], widths: Sequence[int], backbone_weights: str | Path | None = None
+                    ) -> tuple[ResNet, tuple[int, int, int], tuple[int, ...]]:
+    """PATNet's frozen feature extractor (specs/cdtg.md §4.1), shared by its descendants: the ResNet of
+    :func:`build_resnet_backbone` with ``backbone_weights`` loaded when given (:func:`load_backbone_weights`), no
+    gradient and in eval mode; with the feature channels of layer2, layer3, layer4 (``4 w``: 512, 1024, 2048 for
+    ResNet-50) and the stage index (0 = layer2) of each of the ``sum(layers[1:])`` levels of
+    :func:`extract_bottleneck_features`."""
+    backbone = build_resnet_backbone(layers, widths)
+    if backbone_weights is not None:
+        load_backbone_weights(backbone, backbone_weights)
+    backbone.requires_grad_(False)
+    backbone.eval()
+    stage_channels = tuple(int(w) * Bottleneck.expansion for w in widths[1:])
+    level_stages = tuple(s for s, n in enumerate(layers[1:]) for _ in range(int(n)))
+    return backbone, stage_channels, level_stages
+
+
+def pre_relu_bottleneck(block: Bottleneck, x: torch.Tensor) -> torch.Tensor:
     """A torchvision ``Bottleneck`` up to the residual addition, without its final ReLU."""
     identity = x if block.downsample is None else block.downsample(x)
     out = block.relu(block.bn1(block.conv1(x)))
@@ -153,7 +159,7 @@ def extract_bottleneck_features(backbone: ResNet, image: torch.Tensor) -> list[t
     feats = []
     for layer in (backbone.layer2, backbone.layer3, backbone.layer4):
         for block in layer:
-            pre = _pre_relu_bottleneck(block, x)
+            pre = pre_relu_bottleneck(block, x)
             feats.append(pre)
             x = torch.relu(pre)
     return feats
@@ -264,7 +270,7 @@ class HPNLearner(nn.Module):
         return self.decoder2(x)
 
 
-class PATNet(nn.Module):
+class PATNet(PrimedSupport, nn.Module):
     """PATNet (ResNet backbone) with the optional CD-TG text hook; see the module docstring for the equations.
 
     Children (official state-dict names): ``backbone`` (torchvision ResNet incl. the unused ``fc``, frozen),
@@ -284,6 +290,9 @@ class PATNet(nn.Module):
         support: optional support set to prime the network with (see :meth:`set_support`): a mapping with
             ``support_images [K, 3, H, W]``, ``support_masks [K, H, W]`` and, with a text guide, ``class_text`` and
             ``background_text`` ``[d]``.
+        checkpoint: optional full PATNet state dict in the official key format (``module.`` prefixes stripped),
+            loaded strictly after ``backbone_weights`` (:func:`~common.networks.fewshot_host.load_host_checkpoint`:
+            without ``text_guide.*`` keys it loads the host and leaves the text guide as built).
 
     Attributes:
         stage_channels: feature channels of layer2/3/4 (``(512, 1024, 2048)`` for ResNet-50).
@@ -292,15 +301,10 @@ class PATNet(nn.Module):
 
     def __init__(self, layers: Sequence[int] = RESNET50_LAYERS, widths: Sequence[int] = RESNET50_WIDTHS,
                  backbone_weights: str | Path | None = None, text_guide: TextGuide | None = None,
-                 dropout: float = 0.0, support: Mapping[str, torch.Tensor] | None = None) -> None:
+                 dropout: float = 0.0, support: Mapping[str, torch.Tensor] | None = None,
+                 checkpoint: str | Path | None = None) -> None:
         super().__init__()
-        self.backbone = build_resnet_backbone(layers, widths)
-        if backbone_weights is not None:
-            load_backbone_weights(self.backbone, backbone_weights)
-        self.backbone.requires_grad_(False)
-        self.backbone.eval()
-        self.stage_channels: tuple[int, int, int] = tuple(w * Bottleneck.expansion for w in widths[1:])
-        self.level_stages: tuple[int, ...] = tuple(s for s, n in enumerate(layers[1:]) for _ in range(n))
+        self.backbone, self.stage_channels, self.level_stages = frozen_backbone(layers, widths, backbone_weights)
         for stage in (2, 1, 0):  # official registration order: reference_layer3, 2, 1
             reference = nn.Linear(self.stage_channels[stage], 2)
             nn.init.kaiming_normal_(reference.weight, a=0, mode="fan_in", nonlinearity="linear")
@@ -312,38 +316,7 @@ class PATNet(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"PATNet: dropout must be in [0, 1), got {dropout}")
         self.dropout = dropout  # functional, so that the children stay the official ones
-        for key in ("support_images", "support_masks", "class_text", "background_text"):
-            self.register_buffer(key, None, persistent=False)
-        if support is not None:
-            self.set_support(**support)
-
-    def set_support(self, support_images: torch.Tensor, support_masks: torch.Tensor,
-                    class_text: torch.Tensor | None = None, background_text: torch.Tensor | None = None) -> None:
-        """Prime the network with a support set for single-input calls ``forward(query_image)``.
-
-        Args:
-            support_images: ``[K, 3, H, W]`` normalised support images (the query size).
-            support_masks: ``[K, H, W]`` binary masks, none of them empty.
-            class_text, background_text: ``[d]`` text embeddings of the class and the background (text guide only).
-        """
-        if support_images.dim() != 4 or support_images.shape[1] != 3:
-            raise ValueError(f"PATNet.set_support: support_images must be [K, 3, H, W], got "
-                             f"{tuple(support_images.shape)}")
-        k, _, h, w = support_images.shape
-        if tuple(support_masks.shape) != (k, h, w):
-            raise ValueError(f"PATNet.set_support: support_masks must be [K, H, W] = {(k, h, w)}, got "
-                             f"{tuple(support_masks.shape)}")
-        empty = [i for i in range(k) if not support_masks[i].any()]
-        if empty:
-            raise ValueError(f"PATNet.set_support: support masks {empty} are empty")
-        if self.text_guide is not None and (class_text is None or background_text is None):
-            raise ValueError("PATNet.set_support: the network has a text guide, so class_text and background_text "
-                             "[d] are required")
-        device = self.anchors(0).device
-        self.support_images = support_images.float().to(device)
-        self.support_masks = support_masks.float().to(device)
-        self.class_text = None if class_text is None else class_text.float().to(device)
-        self.background_text = None if background_text is None else background_text.float().to(device)
+        self._finish_init(checkpoint, support)
 
     def train(self, mode: bool = True) -> PATNet:
         """Set training mode on every child except the backbone, which stays in eval mode (frozen BN statistics)."""
@@ -360,21 +333,6 @@ class PATNet(nn.Module):
         :func:`extract_bottleneck_features`."""
         with torch.no_grad():
             return extract_bottleneck_features(self.backbone, image)
-
-    def _check_inputs(self, query_image: torch.Tensor, support_image: torch.Tensor, support_mask: torch.Tensor,
-                      class_text: torch.Tensor | None, background_text: torch.Tensor | None) -> None:
-        if query_image.dim() != 4 or query_image.shape[1] != 3:
-            raise ValueError(f"PATNet: query_image must be [B, 3, H, W], got {tuple(query_image.shape)}")
-        if support_image.shape != query_image.shape:
-            raise ValueError(f"PATNet: support_image {tuple(support_image.shape)} must have the query_image shape "
-                             f"{tuple(query_image.shape)}")
-        b, _, h, w = query_image.shape
-        if support_mask.shape not in ((b, h, w), (b, 1, h, w)):
-            raise ValueError(f"PATNet: support_mask must be [B, H, W] = {(b, h, w)}, got {tuple(support_mask.shape)}")
-        if self.text_guide is not None and (class_text is None or background_text is None):
-            raise ValueError("PATNet: a text_guide is set, so class_text and background_text [B, d] are required "
-                             f"(got class_text={None if class_text is None else tuple(class_text.shape)}, "
-                             f"background_text={None if background_text is None else tuple(background_text.shape)})")
 
     def _level_prototypes(self, support_feats: list[torch.Tensor], support_mask: torch.Tensor,
                           class_text: torch.Tensor | None, background_text: torch.Tensor | None
@@ -413,30 +371,13 @@ class PATNet(nn.Module):
         ``support_mask [B, H, W]``; ``class_text``/``background_text [B, d]`` are used only with a text guide
         (and then required). Without a support, the primed support set is used (:meth:`set_support`): K = 1 gives
         its logits, K > 1 the one-hot ``[B, 2, H, W]`` of the voted mask."""
-        if support_image is None and support_mask is None:
+        if self._primed_call(support_image, support_mask):
             return self._forward_primed(query_image)
-        if support_image is None or support_mask is None:
-            raise ValueError("PATNet: give both support_image and support_mask, or neither (primed support set)")
-        self._check_inputs(query_image, support_image, support_mask, class_text, background_text)
+        check_episode_inputs(self, query_image, support_image, support_mask, class_text, background_text)
         pyramid = self.correlation_pyramid(self.extract_features(query_image), self.extract_features(support_image),
                                            support_mask, class_text, background_text)
         logits = self.hpn_learner([F.dropout(c, self.dropout, self.training) for c in pyramid])
         return F.interpolate(logits, size=tuple(query_image.shape[-2:]), mode="bilinear", align_corners=True)
-
-    def _forward_primed(self, query_image: torch.Tensor) -> torch.Tensor:
-        if self.support_images is None:
-            raise ValueError("PATNet: no support given and none primed; call set_support(...) or pass "
-                             "support_image and support_mask")
-        b = query_image.shape[0]
-        text = {}
-        if self.class_text is not None and self.background_text is not None:
-            text = {"class_text": self.class_text.expand(b, -1), "background_text": self.background_text.expand(b, -1)}
-        shots = [self(query_image, image.expand(b, -1, -1, -1), mask.expand(b, -1, -1), **text)
-                 for image, mask in zip(self.support_images, self.support_masks)]
-        if len(shots) == 1:
-            return shots[0]
-        voted = vote_shots(torch.stack([logits.argmax(dim=1) for logits in shots]))
-        return F.one_hot(voted, 2).permute(0, 3, 1, 2).to(shots[0].dtype)
 
     def finetune_anchors(self, query_image: torch.Tensor, support_image: torch.Tensor, support_mask: torch.Tensor,
                          class_text: torch.Tensor | None = None, background_text: torch.Tensor | None = None,
@@ -455,7 +396,7 @@ class PATNet(nn.Module):
         """
         if steps < 1 or lr <= 0:
             raise ValueError(f"finetune_anchors: steps must be >= 1 and lr > 0, got steps={steps}, lr={lr}")
-        self._check_inputs(query_image, support_image, support_mask, class_text, background_text)
+        check_episode_inputs(self, query_image, support_image, support_mask, class_text, background_text)
         query_feats, support_feats = self.extract_features(query_image), self.extract_features(support_image)
         params = [self.anchors(stage) for stage in range(3)]
         optimizer = torch.optim.Adam(params, lr=lr)
@@ -482,6 +423,20 @@ class PATNet(nn.Module):
                 optimizer.step()
                 losses.append(loss.item())
         return losses
+
+    def finetune_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The parameters :meth:`finetune` hands to its optimiser: the anchors ``A_1..A_3``."""
+        return [(f"reference_layer{stage + 1}.weight", self.anchors(stage)) for stage in range(3)]
+
+    def finetune(self, query_image: torch.Tensor, support_image: torch.Tensor, support_mask: torch.Tensor,
+                 class_text: torch.Tensor | None = None, background_text: torch.Tensor | None = None,
+                 steps: int = 5) -> list[float]:
+        """TFI in the hosts' fine-tuning form (:mod:`common.networks.fewshot_host`): :meth:`finetune_anchors`
+        (lr 1e-3) on ``B`` 1-shot episodes or, for K-shot supports ``[B, K, 3, H, W]`` / ``[B, K, H, W]``, on the
+        ``B K`` (query, support) pairs at once (:func:`~common.networks.fewshot_host.shots_as_batch`: the KL terms
+        of the K pairs averaged). Off by default in the bundle (the public code never calls it, spec §4.7)."""
+        return self.finetune_anchors(*shots_as_batch(query_image, support_image, support_mask, class_text,
+                                                     background_text), steps=steps)
 
 
 def patnet_resnet50(backbone_weights: str | Path | None = None, text_guide: TextGuide | None = None,
