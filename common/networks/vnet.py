@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ __all__ = [
     "DualVNet",
     "kaiming_normal_init_",
     "xavier_normal_init_",
+    "branch_b_init",
     "load_dhc_checkpoint",
 ]
 
@@ -262,6 +263,15 @@ def xavier_normal_init_(module: nn.Module) -> nn.Module:
     return module
 
 
+def branch_b_init(init_b: str, owner: str) -> Callable[[nn.Module], nn.Module]:
+    """The initialisation of a co-training pair's branch B (branch A is always kaiming): ``"kaiming"`` (DHC) or
+    ``"xavier"`` (CPS, DST); ``owner`` names the network in the error."""
+    inits = {"kaiming": kaiming_normal_init_, "xavier": xavier_normal_init_}
+    if init_b not in inits:
+        raise ValueError(f"{owner}: init_b must be 'kaiming' or 'xavier', got {init_b!r}")
+    return inits[init_b]
+
+
 class DualVNet(Branches):
     """Both VNet branches of a co-training pair in one module; ``forward`` is the ensemble of their logits.
 
@@ -288,13 +298,11 @@ class DualVNet(Branches):
         init_b: str = "kaiming",
         branches: str = "AB",
     ) -> None:
-        if init_b not in ("kaiming", "xavier"):
-            raise ValueError(f"DualVNet: init_b must be 'kaiming' or 'xavier', got {init_b!r}")
+        init = branch_b_init(init_b, "DualVNet")
         if branches not in BRANCH_OUTPUTS:
             raise ValueError(f"DualVNet: branches must be 'AB', 'A' or 'B', got {branches!r}")
         branch_a = kaiming_normal_init_(VNet(in_channels, out_channels, n_filters, normalization, has_dropout, dropout))
         branch_b = VNet(in_channels, out_channels, n_filters, normalization, has_dropout, dropout)
-        init = kaiming_normal_init_ if init_b == "kaiming" else xavier_normal_init_
         super().__init__(branch_a, init(branch_b), branches)
 
 

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from common.networks.branches import Branches
-from common.networks.vnet import ConvBlock, UpsamplingDeconvBlock, VNet, kaiming_normal_init_, xavier_normal_init_
+from common.networks.vnet import ConvBlock, UpsamplingDeconvBlock, VNet, branch_b_init, kaiming_normal_init_
 
 __all__ = [
     "warm_start_coefficient",
@@ -212,9 +212,7 @@ class DualDecoupledVNet(Branches):
         grl_alpha: float = 1.0,
         grl_max_iters: int = 500,
     ) -> None:
-        if init_b not in ("kaiming", "xavier"):
-            raise ValueError(f"DualDecoupledVNet: init_b must be 'kaiming' or 'xavier', got {init_b!r}")
+        init = branch_b_init(init_b, "DualDecoupledVNet")
         args = (in_channels, out_channels, n_filters, normalization, has_dropout, dropout,
                 grl_lo, grl_hi, grl_alpha, grl_max_iters)
-        init = kaiming_normal_init_ if init_b == "kaiming" else xavier_normal_init_
         super().__init__(kaiming_normal_init_(DecoupledVNet(*args)), init(DecoupledVNet(*args)), "AB")
