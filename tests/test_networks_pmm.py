@@ -161,20 +161,47 @@ def test_alpha_zero_is_the_host_and_text_matters():
     assert (with_text - host).abs().max() > 1e-4 and (with_text - other_text).abs().max() > 1e-4
 
 
-def test_support_too_small_for_the_mixture():
-    net = tiny_net().eval()
+def test_a_support_set_too_small_for_the_mixture_is_refused_at_priming():
+    net = tiny_net().train()
     q, s, _, _ = episode()
+    stats = {k: v.clone() for k, v in net.state_dict().items() if "running" in k}
     # one pixel at (0, 0) of 64 px: the aligned-corner resize to 9 x 9 samples rows / cols 0, 7.875, 15.75, ...,
     # so only grid position (0, 0) is > 0: 1 foreground position < k = 3
     dot = torch.zeros(1, 64, 64)
     dot[0, 0, 0] = 1
     with pytest.raises(ValueError, match=r"support foreground of episodes \[0\] covers \[1\] positions of the 9x9 "
                                          r"feature grid: too small for the mixture size k = 3"):
-        net(q, s, dot)
+        net.set_support(s, dot)
     with pytest.raises(ValueError, match=r"support background of episodes \[0\] covers \[0\] positions.*too small"):
-        net(q, s, torch.ones(1, 64, 64))
+        net.set_support(s, torch.ones(1, 64, 64))
+    # nothing was primed, the probe pass left the BatchNorm statistics and the training mode as they were
+    assert net.support_images is None and net.training
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in stats.items())
     # k = 1 accepts the single position
-    assert tiny_net(k=1).eval()(q, s, dot).shape == (1, 2, 64, 64)
+    small = tiny_net(k=1).eval()
+    small.set_support(s, dot)
+    assert small(q).shape == (1, 2, 64, 64)
+
+
+def test_an_episode_with_a_tiny_support_runs_as_the_official_code():
+    # training and evaluation episodes are not refused: EM runs on the one non-zero sample and the zero samples
+    net = tiny_net().eval()
+    q, s, _, _ = episode()
+    dot = torch.zeros(1, 64, 64)
+    dot[0, 0, 0] = 1
+    mask = torch.zeros(1, 1, 9, 9)
+    mask[0, 0, 0, 0] = 1  # the aligned-corner resize of the dot (see above)
+    feat = net.extract_features(s)
+    fg, _ = net.PMMs.estimate(feat, mask)
+    # one non-zero sample x = F(0, 0): the M-step sum of a mean is a multiple of x, so every mean is 0 or points
+    # along x (normalise(v) = v / (|v| + 1e-6) keeps the direction); at least one is not 0, as the E-step's rows
+    # sum to 1
+    x = feat[0, :, 0, 0]
+    norms = fg[0].norm(dim=1)
+    assert norms.max() > 0.5
+    for mean, size in zip(fg[0], norms):
+        assert size < 1e-6 or torch.nn.functional.cosine_similarity(mean, x, dim=0) > 1 - 1e-5
+    assert torch.isfinite(net(q, s, dot)).all()
 
 
 def test_grid_and_shapes():

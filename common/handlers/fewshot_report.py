@@ -35,7 +35,9 @@ from common.metrics.fewshot import FewShotIoUMetric
 from common.utils.figures import GT_COLOUR, PRED_COLOUR
 from common.utils.files import write_csv
 
-__all__ = ["FewShotExamples", "FewShotSweep", "RESULT_COLUMNS", "format_results_table", "write_episode_figure"]
+__all__ = [
+    "FewShotExamples", "FewShotSweep", "RESULT_COLUMNS", "format_results_table", "save_figure", "write_episode_figure",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +121,7 @@ def _episode_iou(pred: np.ndarray, label: np.ndarray, ignore: np.ndarray | None)
     return 100.0 * np.count_nonzero(pred & label & keep) / max(np.count_nonzero((pred | label) & keep), 1)
 
 
-def _save_figure(figure: Figure, path: str | os.PathLike) -> Path:
+def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
     """Write ``figure`` as PNG through a temporary file renamed into place (parent folders are created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +178,7 @@ def write_episode_figure(examples: Mapping[str, Sequence], path: str | os.PathLi
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
 
 
 def _n_classes(dataset: Dataset) -> int:
@@ -364,4 +366,4 @@ class FewShotSweep:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
         figure.tight_layout()
-        return _save_figure(figure, path)
+        return save_figure(figure, path)

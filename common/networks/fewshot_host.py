@@ -169,10 +169,15 @@ class PrimedSupport:
             raise ValueError(f"{name}.set_support: the network has a text guide, so class_text and background_text "
                              "[d] are required")
         device = next(self.parameters()).device
+        self._check_support_set(support_images.float().to(device), support_masks.float().to(device))
         self.support_images = support_images.float().to(device)
         self.support_masks = support_masks.float().to(device)
         self.class_text = None if class_text is None else class_text.float().to(device)
         self.background_text = None if background_text is None else background_text.float().to(device)
+
+    def _check_support_set(self, support_images: torch.Tensor, support_masks: torch.Tensor) -> None:
+        """A host's own check of a support set ``[K, 3, H, W]`` / ``[K, H, W]`` (on the network's device) before it
+        is primed: raise ``ValueError`` for a set the host cannot use (here: none)."""
 
     def _primed_call(self, support_image: torch.Tensor | None, support_mask: torch.Tensor | None) -> bool:
         """Whether a ``forward`` call uses the primed support set (neither support tensor given).

@@ -53,8 +53,12 @@ Choices where the public description is ambiguous:
 * K shots: the official ``forward_5shot`` runs one EM on the K support maps concatenated; here K-shot is the
   host-independent vote of K 1-shot passes (:func:`common.networks.shot_vote.vote_shots`), as the episodic engines
   do, also for a primed support set.
-* A support whose resized mask has fewer than ``k`` positions with ``m > 0`` (foreground) or ``m < 1``
-  (background) is refused (``ValueError``, "too small for the mixture size").
+* A support set given to :meth:`PMMNet.set_support` (inference: the user's annotated examples) whose resized mask
+  has fewer than ``k`` positions with ``m > 0`` (foreground) or ``m < 1`` (background) is refused (``ValueError``,
+  "too small for the mixture size"), before anything is primed. Episodes (training, evaluation) are not refused:
+  as in the official code, EM then runs on the few non-zero samples (zero samples leave a mean at 0), so that a
+  source or target with small structures (an adrenal gland covers one position of the 17 x 17 grid at 128 px)
+  trains and is evaluated on the same episodes as the other hosts.
 """
 
 from __future__ import annotations
@@ -380,6 +384,18 @@ class PMMNet(PrimedSupport, nn.Module):
         out = out + self.residule3(out)
         return self.layer9(self.layer7(self.layer6(out)))
 
+    def _check_support_set(self, support_images: torch.Tensor, support_masks: torch.Tensor) -> None:
+        """Refuse to prime with a support whose mask, resized to the feature grid, covers fewer than ``k``
+        foreground or background positions (:meth:`PrototypeMixture.check_support`)."""
+        training = self.training
+        self.eval()  # the probe pass must not move BatchNorm statistics
+        try:
+            with torch.no_grad():
+                grid = tuple(self.extract_features(support_images[:1]).shape[-2:])
+        finally:
+            self.train(training)
+        self.PMMs.check_support(resize_mask(support_masks, grid))
+
     def forward(self, query_image: torch.Tensor, support_image: torch.Tensor | None = None,
                 support_mask: torch.Tensor | None = None, class_text: torch.Tensor | None = None,
                 background_text: torch.Tensor | None = None) -> torch.Tensor:
@@ -394,7 +410,6 @@ class PMMNet(PrimedSupport, nn.Module):
         if self.text_guide is not None:
             support_feat = self.text_guide.augment([support_feat])[0]
         mask = resize_mask(support_mask, tuple(support_feat.shape[-2:]))
-        self.PMMs.check_support(mask)
         proto_fg, proto_bg = self.PMMs.estimate(support_feat, mask)
         if self.text_guide is not None:
             proto_fg, proto_bg = fuse_mixture(self.text_guide, 0, support_feat, mask, proto_fg, proto_bg, class_text,
