@@ -179,6 +179,11 @@ def _shape(images: Any) -> list:
     return [list(v.shape) for v in images] if isinstance(images, (list, tuple)) else list(images.shape)
 
 
+def _images(batch: Mapping) -> Any:
+    """The input images of a batch: ``image``, or an episode batch's ``query_image`` (few-shot bundles)."""
+    return batch["image"] if "image" in batch else batch["query_image"]
+
+
 @dataclass
 class _Training:
     """A bundle's trainer, with its first train batch (and, for co-training, unlabelled batch) on the device."""
@@ -190,7 +195,7 @@ class _Training:
 
     @property
     def batch_size(self) -> int:
-        return int(_first_tensor(self.batch["image"]).shape[0])
+        return int(_first_tensor(_images(self.batch)).shape[0])
 
     @property
     def samples_per_step(self) -> int:
@@ -198,7 +203,7 @@ class _Training:
         return self.batch_size + extra
 
     def shapes(self) -> dict[str, Any]:
-        shapes = {"train_input_shape": _shape(self.batch["image"])}
+        shapes = {"train_input_shape": _shape(_images(self.batch))}
         if self.unlabelled is not None:
             shapes["unlabelled_input_shape"] = _shape(self.unlabelled["image"])
         return shapes

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO_ROOT, load_script
 
@@ -125,6 +126,15 @@ def test_multi_view_bundle_with_a_prepare_step(tmp_path):
     assert fig["infer_images"] == 72  # the embedded demo: 4 classes x 16 labelled + 8 unlabelled images
     check_train_figures(fig, samples=2)
     assert len(table_rows(lines)) == 1
+
+
+def test_an_episode_batch_is_measured_by_its_query_images():
+    """Few-shot bundles (CD-TG) batch episodes: the batch size and input shape are the query images'."""
+    episodes = {"query_image": torch.zeros(4, 3, 8, 8), "support_images": torch.zeros(4, 1, 3, 8, 8)}
+    run = bench._Training(trainer=None, device=torch.device("cpu"), batch=episodes, unlabelled=None)
+    assert run.batch_size == run.samples_per_step == 4
+    assert run.shapes() == {"train_input_shape": [4, 3, 8, 8]}
+    assert bench._images({"image": episodes["support_images"], "query_image": None}) is episodes["support_images"]
 
 
 def test_compute_only_reuses_the_preloaded_unlabelled_batch_then_restores_the_trainer():

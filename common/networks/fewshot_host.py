@@ -169,9 +169,9 @@ class PrimedSupport:
             raise ValueError(f"{name}.set_support: the network has a text guide, so class_text and background_text "
                              "[d] are required")
         device = next(self.parameters()).device
-        self._check_support_set(support_images.float().to(device), support_masks.float().to(device))
-        self.support_images = support_images.float().to(device)
-        self.support_masks = support_masks.float().to(device)
+        images, masks = support_images.float().to(device), support_masks.float().to(device)
+        self._check_support_set(images, masks)
+        self.support_images, self.support_masks = images, masks
         self.class_text = None if class_text is None else class_text.float().to(device)
         self.background_text = None if background_text is None else background_text.float().to(device)
 
