@@ -92,7 +92,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck
 
 from common.networks.fewshot_host import PrimedSupport, TextGuide, check_resnet_shape, init_resnet_parameters
-from common.networks.patnet import pre_relu_bottleneck
+from common.networks.patnet import RESNET50_LAYERS, RESNET50_WIDTHS, pre_relu_bottleneck
 from common.networks.prototypes import masked_average_pool, resize_mask
 from common.utils.checkpoints import load_state_dict_strict, read_state_dict
 
@@ -111,8 +111,8 @@ __all__ = [
     "ifa_resnet50",
 ]
 
-RESNET50_TRUNK_LAYERS = (3, 4, 6)
-RESNET50_TRUNK_WIDTHS = (64, 128, 256)
+RESNET50_TRUNK_LAYERS = RESNET50_LAYERS[:3]  # layer1..3 of ResNet-50 (the trunk is cut after layer3)
+RESNET50_TRUNK_WIDTHS = RESNET50_WIDTHS[:3]
 STEMS = ("deep", "torchvision")
 
 SCALE = 10.0  # tau of the similarity logits

@@ -78,6 +78,7 @@ from common.networks.fewshot_host import (
     check_episode_inputs,
     check_resnet_shape,
 )
+from common.networks import patnet
 from common.networks.prototypes import resize_mask
 from common.utils.checkpoints import load_state_dict_strict, read_state_dict
 
@@ -93,8 +94,8 @@ __all__ = [
     "PMMNet",
 ]
 
-RESNET50_LAYERS = (3, 4, 6)
-RESNET50_WIDTHS = (64, 128, 256)
+RESNET50_LAYERS = patnet.RESNET50_LAYERS[:3]  # layer1..3 of ResNet-50 (the backbone is cut after layer3)
+RESNET50_WIDTHS = patnet.RESNET50_WIDTHS[:3]
 
 
 class CaffeBottleneck(nn.Module):

@@ -85,6 +85,7 @@ from common.networks.fewshot_host import (
     check_resnet_shape,
     init_resnet_parameters,
 )
+from common.networks.patnet import RESNET50_WIDTHS
 from common.networks.prototypes import resize_mask
 from common.utils.checkpoints import load_state_dict_strict, read_state_dict
 
@@ -100,7 +101,7 @@ __all__ = [
 ]
 
 RESNET101_LAYERS = (3, 4, 23, 3)
-RESNET_WIDTHS = (64, 128, 256, 512)
+RESNET_WIDTHS = RESNET50_WIDTHS  # ResNet-101 has ResNet-50's widths
 QNET_DILATION = (True, True, False)
 SCALE = 20.0  # ADNet / Q-Net ``scaler``
 PATH_WEIGHTS = (0.9, 0.1)
